@@ -466,10 +466,12 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        workers = info.num_workers if info else 1
+        # The DataLoader takes batches from its workers in turn, starting with worker 0. Reader w emits rank-local
+        # positions w, w + workers, w + 2·workers, ...; so that the stream resumed at `start` comes out in order,
+        # DataLoader worker 0 plays reader start mod workers. The reader skips its positions before `start`.
+        worker = ((info.id if info else 0) + self.start) % workers
         slot, slots = self.rank * workers + worker, self.world * workers
-        # The DataLoader takes batches from its workers in turn, so rank-local position p comes from worker p mod
-        # workers: this worker's k-th batch is position worker + k·workers, and it skips those before self.start.
         skip = max(0, -(-(self.start - worker) // workers))
         stats, bad, emitted = Counter(), [], 0
         buffers = {bkt: [] for bkt in self.buckets}
