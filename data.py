@@ -123,7 +123,7 @@ def to_rgb(img):
     if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
         white = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, img.convert("RGBA"))
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")  # convert() would copy even an RGB image
 
 
 def load_image(src, size, u=0.5, v=0.5):
@@ -140,7 +140,8 @@ def load_image(src, size, u=0.5, v=0.5):
         scale = max(bw / w, bh / h)
         if img.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 in the DCT domain, never below the size needed
             img.draft("RGB", (math.ceil(img.width * scale), math.ceil(img.height * scale)))
-        img = to_rgb(ImageOps.exif_transpose(img))
+        ImageOps.exif_transpose(img, in_place=True)
+        img = to_rgb(img)
         w, h = img.size
         scale = max(bw / w, bh / h)
         cw, ch = bw / scale, bh / scale
@@ -260,7 +261,8 @@ def scan_folder(root, min_side, stats, warn):
     for path in paths:
         stem = os.path.splitext(path)[0]
         try:
-            w, h = upright_size(open_image(path))
+            with open_image(path) as img:  # millions of headers: close each file now, not when collected
+                w, h = upright_size(img)
         except BadImage as e:
             warn(path, e)
             continue
@@ -594,6 +596,21 @@ class Loader:
                 print(f"data: warning: batch {batch['position']} had no decodable image and was skipped", flush=True)
                 continue
             yield batch
+
+
+def write_bench_jpegs(folder, n=200, seed=0):
+    """n photo-like JPEGs (smooth colour fields plus grain, quality 90) with sides 1024–1536, the input of
+    measure_throughput. Pure noise would be the wrong test: it compresses and decodes unlike photographs."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        w, h = (int(s) for s in rng.integers(1024, 1537, 2))
+        field = Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+        grain = rng.normal(0, 8, (h, w, 3))
+        img = Image.fromarray(np.clip(np.asarray(field) + grain, 0, 255).astype(np.uint8))
+        img.save(os.path.join(folder, f"{i:05d}.jpg"), quality=90)
+        with open(os.path.join(folder, f"{i:05d}.txt"), "w") as f:
+            f.write(f"benchmark image {i}")
 
 
 def measure_throughput(folder, workers=2, n=200, batch_size=8, min_side=1024):

@@ -42,6 +42,10 @@ def _data_shard(path, samples):
     return str(path)
 
 
+def _data_take(it, n):
+    return [next(it) for _ in range(n)]
+
+
 def test_buckets_are_the_five_zd_buckets():
     assert data.buckets() == [(384, 640), (448, 576), (512, 512), (576, 448), (640, 384)]
     assert len(data.buckets(**{"area": 32 * 32, "min_side": 24, "max_side": 40, "step": 8})) == 3  # the demo's
@@ -105,21 +109,17 @@ def test_demo_source_black_and_white_are_common_and_exact():
 def test_caption_dropout_rate_and_visibility():
     loader = data.Loader([data.DemoSource(n=3000)], 50, workers=0, caption_dropout=0.1, **TINY)
     dropped = total = 0
-    for batch in itertools_take(loader.batches(), loader.batches_per_epoch):
+    for batch in _data_take(loader.batches(), loader.batches_per_epoch):
         d = batch["dropped"]
         assert all((c == "") == bool(x) for c, x in zip(batch["captions"], d))  # no demo caption is empty
         dropped, total = dropped + int(d.sum()), total + len(d)
     assert abs(dropped / total - 0.1) < 0.015  # binomial sd ≈ 0.0055 at n ≈ 3000
 
 
-def itertools_take(it, n):
-    return [next(it) for _ in range(n)]
-
-
 def test_batches_are_one_bucket_reproducible_and_seeded():
     def first(seed):
         loader = data.Loader([data.DemoSource(n=300)], 8, seed=seed, workers=0, **TINY)
-        return itertools_take(loader.batches(), 5)
+        return _data_take(loader.batches(), 5)
     a, b, c = first(0), first(0), first(1)
     for x, y in zip(a, b):
         assert torch.equal(x["index"], y["index"]) and torch.equal(x["pixels"], y["pixels"])
@@ -130,8 +130,8 @@ def test_batches_are_one_bucket_reproducible_and_seeded():
 def test_global_batch_does_not_depend_on_world_size():
     src = data.DemoSource(n=300)
     kw = dict(seed=3, workers=0, flip=True, random_crop=True, inpaint=True, **TINY)
-    one = itertools_take(data.Loader([src], 8, **kw).batches(), 6)
-    two = [itertools_take(data.Loader([src], 4, rank=r, world_size=2, **kw).batches(), 6) for r in (0, 1)]
+    one = _data_take(data.Loader([src], 8, **kw).batches(), 6)
+    two = [_data_take(data.Loader([src], 4, rank=r, world_size=2, **kw).batches(), 6) for r in (0, 1)]
     for k, whole in enumerate(one):
         for key in ("index", "pixels", "dropped", "mask", "masked_pixels"):
             assert torch.equal(whole[key], torch.cat([two[0][k][key], two[1][k][key]])), key
@@ -140,7 +140,7 @@ def test_global_batch_does_not_depend_on_world_size():
 
 def test_epoch_drops_incomplete_batches_and_sees_each_image_once():
     loader = data.Loader([data.DemoSource(n=300)], 8, workers=0, **TINY)
-    epoch = itertools_take(loader.batches(), loader.batches_per_epoch)
+    epoch = _data_take(loader.batches(), loader.batches_per_epoch)
     seen = torch.cat([b["index"] for b in epoch]).tolist()
     assert len(seen) == len(set(seen)) == 300 - loader.stats["dropped_incomplete_per_epoch"]
     assert {b["epoch"] for b in epoch} == {0} and [b["position"] for b in epoch] == list(range(len(epoch)))
@@ -149,7 +149,7 @@ def test_epoch_drops_incomplete_batches_and_sees_each_image_once():
 
 def test_resume_skips_without_decoding(monkeypatch):
     loader = data.Loader([data.DemoSource(n=300)], 8, workers=0, **TINY)
-    reference = itertools_take(loader.batches(), 40)[37]
+    reference = _data_take(loader.batches(), 40)[37]
     calls = []
     decode = data.load_image
     monkeypatch.setattr(data, "load_image", lambda *a: calls.append(1) or decode(*a))
@@ -160,8 +160,8 @@ def test_resume_skips_without_decoding(monkeypatch):
 
 def test_two_workers_give_the_same_batches_as_none():
     src = data.DemoSource(n=200)
-    a = itertools_take(data.Loader([src], 8, workers=0, **TINY).batches(start=5), 6)
-    b = itertools_take(data.Loader([src], 8, workers=2, **TINY).batches(start=5), 6)
+    a = _data_take(data.Loader([src], 8, workers=0, **TINY).batches(start=5), 6)
+    b = _data_take(data.Loader([src], 8, workers=2, **TINY).batches(start=5), 6)
     assert all(torch.equal(x["pixels"], y["pixels"]) and x["position"] == y["position"] for x, y in zip(a, b))
 
 
@@ -209,7 +209,7 @@ def test_bad_files_are_skipped_counted_and_the_run_goes_on(tmp_path, capsys):
     assert "bomb.png" in out and "zero.jpg" in out and "notimage.png" in out
     # the truncated JPEG passes the header check: it fails at decode, inside a batch, and is counted then
     assert loader.batches_per_epoch == 4  # truncated, good, tiny, long
-    batches = itertools_take(loader.batches(), 8)  # two epochs: the bad file is counted and named once
+    batches = _data_take(loader.batches(), 8)  # two epochs: the bad file is counted and named once
     assert len(batches) == 8 and all(b["pixels"].shape[0] == 1 for b in batches)
     assert dict(loader.stats["bad_files"]) == expected
     assert "skipped a batch" not in out and "truncated.jpg" in capsys.readouterr().out
@@ -232,7 +232,7 @@ def test_min_side_filter_uses_original_size_from_json(tmp_path):
     (tmp_path / "big.txt").write_text("a photo")
     loader = data.Loader([str(tmp_path)], 1, workers=0)
     assert (loader.stats["kept"], loader.stats["dropped_small"], loader.stats["missing_captions"]) == (2, 1, 1)
-    assert sorted(b["captions"][0] for b in itertools_take(loader.batches(), 2)) in (["", "a photo"],)
+    assert sorted(b["captions"][0] for b in _data_take(loader.batches(), 2)) in (["", "a photo"],)
 
 
 def _data_mode_images():
@@ -293,7 +293,7 @@ def test_tar_shard_cut_mid_member_keeps_the_good_samples(tmp_path):
     got = list(data.read_shard(path, Counter(), lambda name, e: warned.append(e.reason)))
     assert [k for k, _ in got] == ["00000", "00001"] and warned == ["truncated shard"]
     loader = data.Loader([path], 1, workers=0, min_side=1, caption_dropout=0, **TINY)
-    batches = itertools_take(loader.batches(), 4)
+    batches = _data_take(loader.batches(), 4)
     assert sorted(b["captions"][0] for b in batches[:2]) == ["sample 0", "sample 1"]
     assert loader.stats["kept"] == 2 and loader.stats["bad_files"]["truncated shard"] == 1
 
@@ -328,11 +328,11 @@ def test_shard_split_over_2_ranks_x_2_workers_sees_each_sample_once(tmp_path, n_
 def test_shard_loader_with_two_workers_resumes_at_a_position(tmp_path):
     _data_shards(tmp_path, 4, 6)
     loader = data.Loader([str(tmp_path / "*.tar")], 2, workers=2, min_side=1024, **TINY)
-    run = itertools_take(loader.batches(), 8)
+    run = _data_take(loader.batches(), 8)
     assert [b["position"] for b in run] == list(range(8))
     assert all(len({data.bucket_for(*b["pixels"].shape[:1:-1], data.buckets(**{"area": 1024, "min_side": 24,
                                                                                 "max_side": 40, "step": 8}))}) == 1
                for b in run)
-    resumed = itertools_take(loader.batches(start=5), 3)
+    resumed = _data_take(loader.batches(start=5), 3)
     assert [b["index"].tolist() for b in resumed] == [b["index"].tolist() for b in run[5:]]
     assert loader.stats["kept"] >= 12 and loader.stats["missing_captions"] == 0
