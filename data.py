@@ -153,7 +153,7 @@ def load_image(src, size, u=0.5, v=0.5):
 
 def decode_caption(raw):
     """Caption text from bytes: a BOM picks UTF-8 or UTF-16; else UTF-8, falling back to Latin-1 (which never fails).
-    Long captions are kept whole: the tokenizer truncates to 77 tokens."""
+    Whitespace runs become one space. Long captions are kept whole: the tokenizer truncates to 77 tokens."""
     if raw.startswith(b"\xef\xbb\xbf"):
         text = raw[3:].decode("utf-8", errors="replace")
     elif raw.startswith((b"\xff\xfe", b"\xfe\xff")):
@@ -166,8 +166,18 @@ def decode_caption(raw):
     return " ".join(text.replace("\x00", "").split())
 
 
+def _parse_json(raw):
+    """A sidecar json as a dict; {} when it is unreadable (it only adds a caption or the original size)."""
+    try:
+        meta = json.loads(decode_caption(raw))
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def _json_caption(meta):
-    return meta.get("caption") or meta.get("text") or ""
+    caption = meta.get("caption") or meta.get("text") or ""
+    return " ".join(str(caption).split())
 
 
 def _original_size(meta, w, h):
@@ -233,23 +243,16 @@ def _read_caption(stem, stats):
         if os.path.exists(stem + ext):
             with open(stem + ext, "rb") as f:
                 return decode_caption(f.read())
-    meta = _read_json(stem + ".json")
-    if _json_caption(meta):
-        return decode_caption(_json_caption(meta).encode())
-    stats["missing_captions"] += 1
-    return ""
+    caption = _json_caption(_read_json(stem + ".json"))
+    stats["missing_captions"] += not caption
+    return caption
 
 
 def _read_json(path):
-    """The sidecar json as a dict; {} when it is absent or unreadable (it only adds a caption or original size)."""
     if not os.path.exists(path):
         return {}
-    try:
-        with open(path, "rb") as f:
-            meta = json.loads(decode_caption(f.read()))
-        return meta if isinstance(meta, dict) else {}
-    except ValueError:
-        return {}
+    with open(path, "rb") as f:
+        return _parse_json(f.read())
 
 
 def scan_folder(root, min_side, stats, warn):
@@ -274,7 +277,7 @@ def scan_folder(root, min_side, stats, warn):
     return out
 
 
-def read_shard(path, stats, warn):
+def read_shard(path, warn):
     """Yield (key, {ext: bytes}) for each complete sample of a tar shard, read as a stream. WebDataset convention:
     a sample's files are consecutive and share the key (the name up to the first dot of the basename). A shard cut
     off mid-member keeps the samples before the cut; the sample being read is counted as bad."""
@@ -435,7 +438,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         """(global index, Item) of the samples this reader keeps in this epoch; headers read, pixels not decoded."""
         shards, stride = self.assignment(epoch, slot, slots)
         for s, path in shards:
-            for n, (key, files) in enumerate(read_shard(path, stats, warn)):
+            for n, (key, files) in enumerate(read_shard(path, warn)):
                 if stride and n % slots != slot:
                     continue
                 name = f"{path}:{key}"
@@ -443,13 +446,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 if ext is None:
                     warn(name, BadImage("no image in sample"))
                     continue
-                meta = {}
-                if "json" in files:
-                    try:
-                        meta = json.loads(decode_caption(files["json"]))
-                    except ValueError:
-                        pass
-                    meta = meta if isinstance(meta, dict) else {}
+                meta = _parse_json(files["json"]) if "json" in files else {}
                 try:
                     w, h = upright_size(open_image(files[ext]))
                 except BadImage as e:
@@ -461,7 +458,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 if "txt" in files:
                     caption = decode_caption(files["txt"])
                 else:
-                    caption = decode_caption(_json_caption(meta).encode())
+                    caption = _json_caption(meta)
                     stats["missing_captions"] += not caption
                 stats["kept"] += 1
                 yield (s << 32) + n, Item(name, files[ext], caption, w, h)
