@@ -49,7 +49,8 @@ MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # PIL's own bomb threshold (≈89 Mpx): lar
 DEMO_BUCKETS = dict(bucket_area=32 * 32, bucket_min=24, bucket_max=40, bucket_step=8)  # → 24×40, 32×32, 40×24
 WARN_LIMIT = 20  # bad files named one by one; past this they are only counted (Loader.stats)
 
-# One image to load: `src` is a path (folder), the encoded bytes (shard) or ("demo", seed, i); (w, h) is the upright size.
+# One image to load: `src` is a path (folder), the encoded bytes (shard) or ("demo", seed, i);
+# (w, h) is its upright size.
 Item = namedtuple("Item", "name src caption w h")
 
 
@@ -508,8 +509,8 @@ class Loader:
       (global sample index); epoch, position (ints; resume with start = position + 1); with inpaint=True also
       mask [B, 1, H, W] in {0, 1} (1 = repaint) and masked_pixels [B, 3, H, W].
     sources: folder paths, shard paths/globs (*.tar), "demo" or DemoSource objects; folders and demo mix, shards
-    stand alone. stats counts kept, dropped_small, missing_captions, bad_files by reason and
-    dropped_incomplete_per_epoch."""
+    stand alone. stats counts kept, dropped_small, missing_captions, bad_files (a Counter by reason) and, for folders,
+    dropped_incomplete_per_epoch; batches_per_epoch is the epoch length in global batches (None for shards)."""
 
     def __init__(self, sources, batch_size, *, seed=0, rank=0, world_size=1, workers=2, min_side=1024,
                  bucket_area=512 * 512, bucket_min=384, bucket_max=640, bucket_step=64, caption_dropout=0.1,
@@ -544,7 +545,8 @@ class Loader:
             else:
                 if not os.path.isdir(s):
                     raise FileNotFoundError(f"no such folder: {s}")
-                items += scan_folder(s, min_side, self.stats, self._warn)
+                # every rank scans the same folder: only rank 0 names its bad files
+                items += scan_folder(s, min_side, self.stats, lambda name, e: self._warn(name, e, self.rank == 0))
         bucket_of = [bucket_for(it.w, it.h, self.buckets) for it in items]
         self.dataset = PlannedBatches(items, bucket_of, batch_size, rank, world_size, self.opts)
         self.batches_per_epoch = len(self.dataset)
@@ -565,11 +567,11 @@ class Loader:
         if self.rank == 0:
             print(f"data: {msg}", flush=True)
 
-    def _warn(self, name, e):
+    def _warn(self, name, e, say=True):
         self.stats["bad_files"][e.reason] += 1
-        if len(self._warned) < WARN_LIMIT:
+        if say and len(self._warned) < WARN_LIMIT:
             print(f"data: warning: skipped {name}: {e}", flush=True)
-        elif len(self._warned) == WARN_LIMIT:
+        elif say and len(self._warned) == WARN_LIMIT:
             print("data: warning: further bad files are counted in Loader.stats without a line each", flush=True)
         self._warned.add(name)
 
