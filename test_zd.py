@@ -426,7 +426,8 @@ def test_separate_vae_file_and_missing_vae(tiny_sd, tiny_file, tmp_path):
 
 
 def test_pixel_space_model_has_no_vae(tmp_path):
-    unet, te = model.UNet(model.UNetConfig.tiny(in_channels=3, out_channels=3)), model.CLIPTextModel(model.CLIPConfig.tiny())
+    unet = model.UNet(model.UNetConfig.tiny(in_channels=3, out_channels=3))  # works on pixels directly
+    te = model.CLIPTextModel(model.CLIPConfig.tiny())
     model.save(tmp_path / "px.safetensors", unet, te)
     sd = model.load(tmp_path / "px.safetensors")
     assert sd.vae is None and sd.meta["pixel_space"] and sd.unet.cfg.in_channels == 3
@@ -542,3 +543,66 @@ def test_full_size_matches_diffusers_and_transformers():
         a, b = ours(ids), ref(ids).last_hidden_state
     print(f"CLIP-L: max |Δ| {(a - b).abs().max():.3g}")
     assert rel_err(a, b) < 1e-4
+
+
+def test_cli_convert(tiny_sd, tiny_file, tmp_path):
+    import zd
+    folder, _ = tiny_sd()
+    path, want = tiny_file
+    zd.main(["convert", str(folder), str(tmp_path / "half.safetensors"), "--half"])
+    sd = model.load(tmp_path / "half.safetensors")
+    assert sd.meta["dtypes"] == ["float16"] and (sd.meta["prediction"], sd.meta["ztsnr"]) == ("eps", False)
+    assert_same(flat(sd), {k: v.half().float() for k, v in want.items()})
+
+    zd.main(["convert", str(path), str(tmp_path / "inp.safetensors"), "--inpaint", "--prediction", "eps"])
+    sd = model.load(tmp_path / "inp.safetensors")
+    assert sd.meta["inpaint"] and (sd.meta["prediction"], sd.meta["ztsnr"]) == ("eps", True)
+    assert "LatentInpaintDiffusion" in (tmp_path / "inp.yaml").read_text()
+    with pytest.raises(SystemExit, match="needs a 4-channel UNet"):
+        zd.main(["convert", str(tmp_path / "inp.safetensors"), str(tmp_path / "x.safetensors"), "--inpaint"])
+
+    tensors = load_file(path)
+    full = {**tensors, **{model.ema_key(k): v + 1 for k, v in tensors.items() if k.startswith(model.UNET_PREFIX)}}
+    save_file(full, tmp_path / "full.safetensors")
+    for flag, shift in (("--ema", 1), ("--no-ema", 0)):
+        zd.main(["convert", str(tmp_path / "full.safetensors"), str(tmp_path / "out.safetensors"), flag])
+        got = load_file(tmp_path / "out.safetensors")
+        assert torch.equal(got[model.UNET_PREFIX + "out.2.bias"], tensors[model.UNET_PREFIX + "out.2.bias"] + shift)
+        assert not any(k.startswith("model_ema.") for k in got)
+
+
+def test_cli_merge_add_difference(tiny_sd, tiny_file, tmp_path):
+    import zd
+    base_path, base = tiny_file
+    tuned = {k: v + 0.01 * torch.randn_like(v) if k.startswith(model.UNET_PREFIX) else v
+             for k, v in load_file(base_path).items()}
+    save_file(tuned, tmp_path / "tuned.safetensors", metadata={"zd.prediction": "v", "zd.ztsnr": "true"})
+    inpaint_folder, _ = tiny_sd("inpaint")
+    zd.main(["merge", str(inpaint_folder), str(tmp_path / "tuned.safetensors"), str(base_path),
+             str(tmp_path / "merged.safetensors")])
+    merged, inpaint = model.load(tmp_path / "merged.safetensors"), flat(model.load(inpaint_folder))
+    assert merged.meta["inpaint"] and (merged.meta["prediction"], merged.meta["ztsnr"]) == ("v", True)
+    got = flat(merged)
+    for k in (model.UNET_PREFIX + "out.2.weight", model.UNET_PREFIX + "middle_block.1.proj_in.weight"):
+        assert torch.allclose(got[k], inpaint[k] + tuned[k] - base[k], atol=1e-6)
+    conv = model.UNET_PREFIX + "input_blocks.0.0.weight"
+    assert torch.allclose(got[conv][:, :4], inpaint[conv][:, :4] + tuned[conv] - base[conv], atol=1e-6)
+    assert torch.equal(got[conv][:, 4:], inpaint[conv][:, 4:])
+    vae = model.VAE_PREFIX + "decoder.conv_out.weight"
+    assert torch.equal(got[vae], inpaint[vae])  # tuned and base share their VAE: zero difference
+
+
+def test_cli_inspect(tiny_file, tmp_path, capsys):
+    import zd
+    path, _ = tiny_file
+    tensors = {**load_file(path), **{k: torch.rand(1000) for k in SCHEDULE_BUFFERS}}
+    save_file({k: v.half() for k, v in tensors.items()}, tmp_path / "x.safetensors", metadata={"note": "hi"})
+    zd.main(["inspect", str(tmp_path / "x.safetensors")])
+    out = capsys.readouterr().out
+    for line in ("layout       single, base", "no model_ema.*", "prediction v, ztsnr True", "dtypes       float16",
+                 "unet         684 tensors", "model_channels=32", "ignored      12 keys: alphas_cumprod",
+                 "metadata     note = hi"):
+        assert line in out, line
+    save_file({"foo": torch.zeros(1)}, tmp_path / "junk.safetensors")
+    with pytest.raises(SystemExit, match="not an SD1.5-family checkpoint"):
+        zd.main(["inspect", str(tmp_path / "junk.safetensors")])
