@@ -279,3 +279,172 @@ def test_cli_help_lists_every_subcommand():
     assert {"schedule", "vectors"} <= set(commands)
     for c in commands:
         subprocess.run([sys.executable, "zd.py", c, "--help"], cwd=HERE, capture_output=True, check=True)
+
+
+# ---- zd.py sample -----------------------------------------------------------------------------------------------------
+
+import types  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import model  # noqa: E402
+
+TINY_UNET = dict(sample_size=8, block_out_channels=[32, 64, 64, 64], layers_per_block=2, norm_num_groups=32,
+                 cross_attention_dim=64, attention_head_dim=8, flip_sin_to_cos=True, freq_shift=0,
+                 down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                 up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3)
+TINY_VAE = dict(block_out_channels=[32, 64, 64, 64], layers_per_block=2, latent_channels=4, norm_num_groups=32,
+                down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
+TINY_CLIP = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=1, intermediate_size=256,
+                 hidden_act="quick_gelu", vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,
+                 eos_token_id=49407, pad_token_id=49407)
+ZT_DDIM = dict(**SD15, rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction",
+               clip_sample=False, set_alpha_to_one=True, steps_offset=1)
+
+
+def _randomise(module, seed):
+    """Every parameter random (diffusers zero-initialises some layers, and parity on zeros proves nothing): weights
+    ~ N(0, 1/fan_in), norm scales 1 + N(0, 0.1²), biases N(0, 0.1²)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            if p.dim() >= 2:
+                p.copy_(r / math.sqrt(p[0].numel()))
+            elif "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * r)
+            else:
+                p.copy_(0.1 * r)
+    return module.eval()
+
+
+def _diffusers_folder(folder, in_channels, seed):
+    """A tiny SD1.5-layout pipeline with random weights as a diffusers folder (marked v/ZT in its scheduler config);
+    returns the diffusers/transformers modules for the oracle pipeline."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    unet = _randomise(UNet2DConditionModel(**TINY_UNET, in_channels=in_channels), seed)
+    vae = _randomise(AutoencoderKL(**TINY_VAE), seed + 1)
+    clip = _randomise(CLIPTextModel(CLIPTextConfig(**TINY_CLIP)), seed + 2)
+    unet.save_pretrained(folder / "unet")
+    vae.save_pretrained(folder / "vae")
+    clip.save_pretrained(folder / "text_encoder")
+    vocab, merges = model.clip_vocab()
+    (folder / "tokenizer").mkdir()
+    (folder / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "tokenizer" / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    tok = CLIPTokenizer(str(folder / "tokenizer" / "vocab.json"), str(folder / "tokenizer" / "merges.txt"),
+                        model_max_length=77)     # positional paths: transformers 5 ignores the keyword names (SPEC §8)
+    sched = DDIMScheduler(**ZT_DDIM)
+    sched.save_pretrained(folder / "scheduler")
+    return dict(unet=unet, vae=vae, text_encoder=clip, tokenizer=tok, scheduler=sched, safety_checker=None,
+                feature_extractor=None, requires_safety_checker=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_sd")
+    return folder, _diffusers_folder(folder, 4, seed=10)
+
+
+@pytest.fixture(scope="module")
+def tiny_inpaint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_inpaint")
+    return folder, _diffusers_folder(folder, 9, seed=20)
+
+
+def _uint8(images_np):
+    """diffusers' output_type="np" floats → uint8 the way its numpy_to_pil does: round(x·255)."""
+    return torch.from_numpy((images_np * 255).round().astype("uint8"))
+
+
+def _assert_images_close(ours, ref):
+    diff = (ours.int() - ref.int()).abs()
+    assert ours.shape == ref.shape and diff.max().item() <= 1, f"max uint8 diff {diff.max().item()}"
+    # a random model can saturate: make sure the comparison was about real, unclamped pixel values
+    assert ((ref > 0) & (ref < 255)).float().mean().item() > 0.5 and ref.float().std().item() > 5
+
+
+@pytest.mark.parametrize("steps", [10, 25])
+def test_sample_matches_diffusers_pipeline(tiny_sd, steps):
+    """End-to-end parity: generate() on the loaded folder == diffusers' StableDiffusionPipeline with
+    DDIMScheduler(rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction",
+    clip_sample=False, set_alpha_to_one=True) and guidance_rescale=0.7, same seed, prompt, negative prompt, size,
+    two images per prompt: identical uint8 up to ±1. Steps divide 1000: diffusers' step() takes prev_t = t − 1000//N,
+    which is the next trailing step only then (SPEC §7.6); other N are tested against the list itself below."""
+    from diffusers import StableDiffusionPipeline
+    folder, parts = tiny_sd
+    sd = model.load(folder)
+    assert (sd.meta["prediction"], sd.meta["ztsnr"]) == ("v", True)
+    kw = dict(negative_prompt="blurry, low quality", num_inference_steps=steps, guidance_scale=7.5,
+              guidance_rescale=0.7, height=64, width=64)
+    pipe = StableDiffusionPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe("a red fox in the snow", num_images_per_prompt=2, output_type="np",
+               generator=torch.Generator("cpu").manual_seed(3), **kw).images
+    ours = zd.generate(sd, ["a red fox in the snow"] * 2, negative="blurry, low quality", steps=steps, cfg=7.5,
+                       rescale=0.7, seed=3, width=64, height=64, progress=False)
+    _assert_images_close(ours, _uint8(ref))
+
+
+def test_inpainting_matches_diffusers_pipeline(tiny_inpaint, tmp_path):
+    """A 9-channel ZT/v inpainting model == diffusers' StableDiffusionInpaintPipeline at strength 1: UNet input
+    [x_t (4), mask (1, nearest-downsampled), masked-image latent (4)], masked image = image·(mask < 0.5), its latent a
+    VAE posterior sample drawn after the initial noise from the same generator. That pipeline has no guidance_rescale,
+    so φ = 0 here; the rescale is covered by the text-to-image parity test."""
+    from diffusers import StableDiffusionInpaintPipeline
+    from PIL import Image
+    folder, parts = tiny_inpaint
+    sd = model.load(folder)
+    assert sd.meta["inpaint"]
+    g = np.random.default_rng(0)
+    image = Image.fromarray(g.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    m = np.zeros((64, 64), dtype=np.uint8)
+    m[8:40, 16:56] = 255                                  # white = repaint
+    mask = Image.fromarray(m)
+    image.save(tmp_path / "in.png")
+    mask.save(tmp_path / "mask.png")
+    pipe = StableDiffusionInpaintPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe("a stone wall", image=image, mask_image=mask, strength=1.0, num_inference_steps=10, guidance_scale=5.0,
+               height=64, width=64, output_type="np", generator=torch.Generator("cpu").manual_seed(4)).images
+    ours = zd.generate(sd, ["a stone wall"], steps=10, cfg=5.0, rescale=0.0, seed=4, width=64, height=64,
+                       image=str(tmp_path / "in.png"), mask=str(tmp_path / "mask.png"), progress=False)
+    _assert_images_close(ours, _uint8(ref))
+
+
+class _Recorder(torch.nn.Module):
+    """Wraps a UNet (or stands in for one) and records the (x, t) of every call."""
+
+    def __init__(self, unet=None, in_channels=4):
+        super().__init__()
+        self.inner = unet
+        self.w = torch.nn.Parameter(torch.ones(()))
+        self.cfg = types.SimpleNamespace(in_channels=in_channels)
+        self.calls = []
+
+    def forward(self, x, t, context):
+        self.calls.append((x.clone(), int(t[0])))
+        if self.inner is not None:
+            return self.inner(x, t, context)
+        return _fake_model(x[:, :4], int(t[0])) + 0.01 * context.mean()   # a smooth stand-in, as in the DDIM tests
+
+
+def _stub_sd(meta, vae=True, in_channels=4):
+    """The tiny SD with a recording stand-in UNet, for tests of the loop itself."""
+    sd = types.SimpleNamespace(unet=_Recorder(in_channels=in_channels), tokenizer=model.Tokenizer.default(), meta=meta,
+                               text_encoder=model.CLIPTextModel(model.CLIPConfig.tiny(layers=1)),
+                               vae=model.VAE(model.VAEConfig.tiny()) if vae else None)
+    return sd
+
+
+@pytest.mark.parametrize("n", [13, 7])
+def test_sample_steps_follow_the_trailing_list(n):
+    """N ∤ 1000: the UNet is called at exactly the trailing list (Lin et al. 2023, Table 2), first t = 999; for N = 13
+    the second step is 922, not 999 − 1000//13 = 923 (SPEC §7.6)."""
+    sd = _stub_sd(dict(prediction="v", ztsnr=True))
+    zd.generate(sd, ["x"], steps=n, width=64, height=64, progress=False)
+    ts = [t for _, t in sd.unet.calls]
+    assert ts == S.timesteps(n).tolist() and ts[0] == 999
+    if n == 13:
+        assert ts[1] == 922 != 999 - 1000 // 13
