@@ -670,26 +670,25 @@ def test_inpainting_matches_diffusers_pipeline(zt_sd, tmp_path):
 class _Recorder(torch.nn.Module):
     """Wraps a UNet (or stands in for one) and records the (x, t) of every call."""
 
-    def __init__(self, unet=None, in_channels=4):
+    def __init__(self, unet=None):
         super().__init__()
         self.inner = unet
         self.w = torch.nn.Parameter(torch.ones(()))
-        self.cfg = types.SimpleNamespace(in_channels=in_channels)
+        self.cfg = unet.cfg if unet is not None else model.UNetConfig.tiny()
         self.calls = []
 
     def forward(self, x, t, context):
         self.calls.append((x.clone(), int(t[0])))
         if self.inner is not None:
             return self.inner(x, t, context)
-        return _fake_model(x[:, :4], int(t[0])) + 0.01 * context.mean()   # a smooth stand-in, as in the DDIM tests
+        return _fake_model(x[:, :4], int(t[0]))        # a smooth stand-in, as in the DDIM tests
 
 
-def _stub_sd(meta, vae=True, in_channels=4):
-    """The tiny SD with a recording stand-in UNet, for tests of the loop itself."""
-    sd = types.SimpleNamespace(unet=_Recorder(in_channels=in_channels), tokenizer=model.Tokenizer.default(), meta=meta,
-                               text_encoder=model.CLIPTextModel(model.CLIPConfig.tiny(layers=1)),
-                               vae=model.VAE(model.VAEConfig.tiny()) if vae else None)
-    return sd
+def _stub_sd(meta, unet=None, vae=True):
+    """A tiny SD whose UNet records its calls (a smooth stand-in unless a network is given), for tests of the loop."""
+    return types.SimpleNamespace(unet=_Recorder(unet), tokenizer=model.Tokenizer.default(), meta=meta,
+                                 text_encoder=model.CLIPTextModel(model.CLIPConfig.tiny(layers=1)),
+                                 vae=model.VAE(model.VAEConfig.tiny()) if vae else None)
 
 
 @pytest.mark.parametrize("n", [13, 7])
@@ -702,3 +701,112 @@ def test_sample_steps_follow_the_trailing_list(n):
     assert ts == S.timesteps(n).tolist() and ts[0] == 999
     if n == 13:
         assert ts[1] == 922 != 999 - 1000 // 13
+
+
+def _check_ddim_transitions(calls, scheduler_kw):
+    """Each recorded UNet input x_{i+1} is diffusers' DDIMScheduler.step from x_i with the stand-in's output."""
+    ref = DDIMScheduler(**SD15, clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing", steps_offset=1,
+                        **scheduler_kw)
+    ref.set_timesteps(len(calls))
+    assert [t for _, t in calls] == ref.timesteps.tolist()
+    for (x, t), (x_next, _) in zip(calls, calls[1:]):
+        torch.testing.assert_close(x_next, ref.step(_fake_model(x, t), t, x).prev_sample, rtol=1e-4, atol=1e-4)
+
+
+def test_sampler_uses_the_trained_zt_schedule():
+    """SPEC §7.9: a model marked v/ZT is sampled on the rescaled schedule it was trained on — the trajectory is
+    diffusers' DDIMScheduler(rescale_betas_zero_snr=True, v_prediction), and not the unrescaled one's."""
+    sd = _stub_sd(dict(prediction="v", ztsnr=True))
+    zd.generate(sd, ["x"], steps=10, cfg=1.0, width=64, height=64, progress=False)
+    _check_ddim_transitions(sd.unet.calls, dict(rescale_betas_zero_snr=True, prediction_type="v_prediction"))
+    with pytest.raises(AssertionError):
+        _check_ddim_transitions(sd.unet.calls, dict(prediction_type="v_prediction"))
+
+
+def test_unmarked_model_samples_as_sd15_eps(capsys):
+    """A checkpoint without markers (stock SD1.5) is sampled as ε on SD1.5's own schedule, and the sampler says so."""
+    sd = _stub_sd({})
+    zd.generate(sd, ["x"], steps=10, cfg=1.0, width=64, height=64, progress=False)
+    assert "assuming SD1.5's (ε prediction, SD1.5 schedule)" in capsys.readouterr().out
+    _check_ddim_transitions(sd.unet.calls, dict(prediction_type="epsilon"))
+    assert zd.sampling_schedule({"prediction": "v", "ztsnr": True}, prediction="eps", zero_terminal_snr=False) == \
+        ("eps", False)                                    # overrides win over markers
+
+
+@pytest.mark.parametrize("meta,kw", [(dict(prediction="eps", ztsnr=True), {}),
+                                     (dict(prediction="v", ztsnr=True), dict(prediction="eps")),
+                                     ({}, dict(zero_terminal_snr=True))])
+def test_eps_on_zt_schedule_is_refused(meta, kw):
+    """SPEC §7.7: ε prediction on the ZT schedule would divide by √ᾱ_999 = 0 — refused before any step runs."""
+    sd = _stub_sd(meta)
+    with pytest.raises(ValueError, match="zero-terminal-SNR"):
+        zd.generate(sd, ["x"], steps=10, width=64, height=64, progress=False, **kw)
+    assert sd.unet.calls == []
+
+
+def test_seed_reproducible_and_initial_latent_documented():
+    """Same seed → identical images; the initial latent is exactly the documented
+    torch.randn((n, 4, H/8, W/8), generator=torch.Generator("cpu").manual_seed(seed)), float32."""
+    sd = _stub_sd(dict(prediction="v", ztsnr=True))
+    a = zd.generate(sd, ["x", "y"], steps=3, width=128, height=64, seed=7, progress=False)
+    x_first = sd.unet.calls[0][0]
+    b = zd.generate(sd, ["x", "y"], steps=3, width=128, height=64, seed=7, progress=False)
+    c = zd.generate(sd, ["x", "y"], steps=3, width=128, height=64, seed=8, progress=False)
+    assert a.dtype == torch.uint8 and a.shape == (2, 64, 128, 3)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    expected = torch.randn((2, 4, 8, 16), generator=torch.Generator("cpu").manual_seed(7))
+    assert torch.equal(x_first, torch.cat([expected, expected]))      # [uncond; cond] halves, t = 999: x_T = noise
+
+
+def test_pixel_space_model():
+    """zd's demo models have no VAE: x_t is the image (3 channels at H×W, no /8) in [−1, 1]; the initial noise is
+    torch.randn((n, 3, H, W), generator=...) and the output is the last x̂0 as uint8."""
+    unet = model.UNet(model.UNetConfig.tiny(in_channels=3, out_channels=3))
+    sd = _stub_sd(dict(prediction="v", ztsnr=True, pixel_space=True), unet=unet, vae=False)
+    images = zd.generate(sd, ["a white square"] * 2, steps=4, width=32, height=32, seed=1, progress=False)
+    assert images.shape == (2, 32, 32, 3) and images.dtype == torch.uint8
+    expected = torch.randn((2, 3, 32, 32), generator=torch.Generator("cpu").manual_seed(1))
+    assert torch.equal(sd.unet.calls[0][0][:2], expected)
+
+
+@pytest.mark.parametrize("steps,strength", [(10, 0.6), (25, 0.8), (13, 0.5)])
+def test_img2img_matches_diffusers_truncation_and_start(zt_sd, steps, strength):
+    """Base model with an image: the steps are diffusers' StableDiffusionImg2ImgPipeline.get_timesteps (the last
+    ⌊N·strength⌋ of the trailing list) and x at the first step is DDIMScheduler.add_noise(VAE_SCALE·z, noise, t_0),
+    z a posterior sample of diffusers' VAE drawn from the generator right after the noise."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+    folder, parts = zt_sd("base")
+    sd = model.load(folder, verbose=False)
+    sd.unet = _Recorder(sd.unet)
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    zd.generate(sd, ["a hill"], steps=steps, strength=strength, seed=2, width=64, height=64, image=image,
+                progress=False)
+    sched = DDIMScheduler(**ZT_DDIM)
+    sched.set_timesteps(steps)
+    ts, _ = StableDiffusionImg2ImgPipeline.get_timesteps(types.SimpleNamespace(scheduler=sched), steps, strength, "cpu")
+    assert [t for _, t in sd.unet.calls] == ts.tolist()
+    g = torch.Generator("cpu").manual_seed(2)
+    noise = torch.randn((1, 4, 8, 8), generator=g)
+    with torch.no_grad():
+        z = parts["vae"].encode(image).latent_dist.sample(g) * parts["vae"].config.scaling_factor
+    torch.testing.assert_close(sd.unet.calls[0][0][:1], sched.add_noise(z, noise, ts[:1]), rtol=1e-4, atol=1e-4)
+
+
+def test_sample_cli_writes_pngs(zt_sd, tmp_path, capsys):
+    """`zd.py sample` = generate() + save_png: one .png, or a folder with one PNG per image and grid.png; a prompt over
+    75 tokens is truncated with a warning."""
+    from PIL import Image
+    folder, _ = zt_sd("base")
+    long_prompt = "a red fox " * 30
+    args = ["sample", "--model", str(folder), "--prompt", long_prompt, "--steps", "2", "--width", "64", "--height",
+            "64", "--device", "cpu", "--seed", "5"]
+    zd.main(args + ["--out", str(tmp_path / "one.png")])
+    assert "truncated" in capsys.readouterr().err
+    zd.main(args + ["--n", "2", "--out", str(tmp_path / "many")])
+    ref = zd.generate(model.load(folder, verbose=False), [long_prompt] * 2, steps=2, width=64, height=64, seed=5,
+                      progress=False)
+    got = [np.asarray(Image.open(tmp_path / "many" / f"00{i}.png")) for i in range(2)]
+    assert torch.equal(torch.from_numpy(np.stack(got)), ref)
+    one = torch.from_numpy(np.array(Image.open(tmp_path / "one.png")))
+    assert (one.int() - torch.from_numpy(got[0]).int()).abs().max() <= 1   # n = 1 is the first row of n = 2's noise
+    assert np.asarray(Image.open(tmp_path / "many" / "grid.png")).shape == (64, 128, 3)

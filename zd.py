@@ -216,7 +216,8 @@ def generate(sd, prompts, *, negative="", steps=25, cfg=7.5, rescale=0.7, seed=0
     parameterisation the checkpoint is marked with (`sampling_schedule`).
     The initial noise is the first draw of the seed's generator, exactly
         torch.randn((N, C, H/8, W/8), generator=torch.Generator("cpu").manual_seed(seed))   # float32, then moved
-    (C = 4; pixel-space models: C = UNet in-channels at H×W), as diffusers' pipelines draw it with the same generator.
+    (C = 4; pixel-space models: the UNet's output channels at H×W), as diffusers' pipelines draw it with the same
+    generator.
     `image` (path, PIL or [1, 3, H, W] in [−1, 1]): img2img for a base model, starting `strength` (default 0.8) of the
     way up the step list as diffusers' img2img does; the inpainting input for a 9-channel model with `mask`
     (white = repaint; default strength 1.0). Posterior samples of the VAE are drawn from the same generator after
@@ -248,16 +249,17 @@ def generate(sd, prompts, *, negative="", steps=25, cfg=7.5, rescale=0.7, seed=0
             raise ValueError(f"strength {strength} leaves no step of {steps}")
 
     generator = torch.Generator("cpu").manual_seed(seed)
-    channels = 4 if sd.vae is not None else sd.unet.cfg.in_channels
+    channels = 4 if sd.vae is not None else sd.unet.cfg.out_channels    # pixel space: x_t is the image itself
     noise = torch.randn((n, channels, height // f, width // f), generator=generator).to(device)
-    context = encode_prompts(sd, negatives + prompts, device)      # [uncond; cond], as diffusers batches them
+    guided = cfg > 1                                      # as diffusers: guidance ≤ 1 runs the conditional pass alone
+    context = encode_prompts(sd, (negatives if guided else []) + prompts, device)    # [uncond; cond]
     x = noise
     if image is not None:
         image = load_image(image, width, height).to(device)
         if inpaint:
             m = load_mask(mask, width, height).to(device)
             masked = encode_image(sd, image * (m < 0.5), generator)          # SPEC §3: image·(mask < 0.5)
-            cond = torch.cat([F.interpolate(m, size=noise.shape[-2:]), masked], dim=1).expand(n, -1, -1, -1)
+            known = torch.cat([F.interpolate(m, size=noise.shape[-2:]), masked], dim=1).expand(n, -1, -1, -1)
         if not inpaint or strength < 1:
             # the image noised to the first step's ᾱ, x_t = √ᾱ·x0 + √(1−ᾱ)·ε (Ho et al. 2020, eq. 4); an inpainting
             # model at strength 1 starts from pure noise, as diffusers' inpainting pipeline does
@@ -265,12 +267,11 @@ def generate(sd, prompts, *, negative="", steps=25, cfg=7.5, rescale=0.7, seed=0
 
     start = time.time()
     for i, t in enumerate(ts.tolist()):
-        x_in = torch.cat([x, x])
-        if inpaint:
-            x_in = torch.cat([x_in, torch.cat([cond, cond])], dim=1)     # [x_t (4), mask (1), masked latent (4)]
-        out = sd.unet(on(sd.unet, x_in), torch.full((2 * n,), t, device=device), on(sd.unet, context))
-        out_u, out_c = out.float().chunk(2)
-        out = S.cfg(out_u, out_c, cfg, rescale) if cfg > 1 else out_c   # on the raw model output (v or ε)
+        x_in = torch.cat([x, known], dim=1) if inpaint else x       # [x_t (4), mask (1), masked latent (4)]
+        x_in = torch.cat([x_in, x_in]) if guided else x_in
+        out = sd.unet(on(sd.unet, x_in), torch.full((len(x_in),), t, device=device), on(sd.unet, context)).float()
+        if guided:
+            out = S.cfg(*out.chunk(2), cfg, rescale)                     # on the raw model output (v or ε)
         x = S.ddim_step(x, out, abar[t], S.abar_at(abar, S.prev_timestep(ts, i)), pred)
         if progress:
             print(f"\rsampling: step {i + 1}/{len(ts)}  t={t:3d}  {time.time() - start:5.1f}s", end="", file=sys.stderr,
