@@ -1067,15 +1067,20 @@ def test_seed_reproducible_and_initial_latent_documented():
     assert torch.equal(x_first, torch.cat([expected, expected]))      # [uncond; cond] halves, t = 999: x_T = noise
 
 
-def test_pixel_space_model():
+def test_pixel_space_model(tmp_path):
     """zd's demo models have no VAE: x_t is the image (3 channels at H×W, no /8) in [−1, 1]; the initial noise is
-    torch.randn((n, 3, H, W), generator=...) and the output is the last x̂0 as uint8."""
+    torch.randn((n, 3, H, W), generator=...) and the output is the last x̂0 as uint8. Also through save → `zd.py sample`."""
     unet = model.UNet(model.UNetConfig.tiny(in_channels=3, out_channels=3))
     sd = _stub_sd(dict(prediction="v", ztsnr=True, pixel_space=True), unet=unet, vae=False)
     images = zd.generate(sd, ["a white square"] * 2, steps=2, width=32, height=32, seed=1, progress=False)
     assert images.shape == (2, 32, 32, 3) and images.dtype == torch.uint8
     expected = torch.randn((2, 3, 32, 32), generator=torch.Generator("cpu").manual_seed(1))
     assert torch.equal(sd.unet.calls[0][0][:2], expected)
+    from PIL import Image
+    model.save(tmp_path / "px.safetensors", unet, sd.text_encoder)
+    zd.main(["sample", "--model", str(tmp_path / "px.safetensors"), "--prompt", "a white square", "--steps", "2",
+             "--seed", "1", "--device", "cpu", "--out", str(tmp_path / "px.png")])
+    assert np.abs(np.array(Image.open(tmp_path / "px.png")).astype(int) - images[0].numpy()).max() <= 1
 
 
 @pytest.mark.parametrize("steps,strength", [(10, 0.6), (25, 0.8), (13, 0.5)])

@@ -221,7 +221,9 @@ def generate(sd, prompts, *, negative="", steps=25, cfg=7.5, rescale=0.7, seed=0
     `image` (path, PIL or [1, 3, H, W] in [−1, 1]): img2img for a base model, starting `strength` (default 0.8) of the
     way up the step list as diffusers' img2img does; the inpainting input for a 9-channel model with `mask`
     (white = repaint; default strength 1.0). Posterior samples of the VAE are drawn from the same generator after
-    the noise. `sd`'s modules are used on their own device and dtype; `device`/`dtype` move them there first."""
+    the noise, as diffusers' inpainting pipeline does (its img2img pipeline draws the image's sample first, so img2img
+    runs agree with it in the step list and the formula, not in the draw). `sd`'s modules are used on their own
+    device and dtype; `device`/`dtype` move them there first."""
     pred, zt = sampling_schedule(sd.meta, prediction, zero_terminal_snr)
     if device is not None or dtype is not None:
         for m in (sd.unet, sd.vae, sd.text_encoder):
@@ -315,16 +317,16 @@ def sample(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype or (
         "fp16" if device.startswith("cuda") else "fp32")]
-    sd = model.load(args.model, vae_path=args.vae, ema=False if args.raw else None)
+    sd = model.load(args.model, vae_path=args.vae, ema=False if args.raw else None, dtype=dtype, device=device)
     width, height = args.width, args.height
     if args.image and not (width and height):
         w, h = Image.open(args.image).size
         width, height = width or w // 64 * 64, height or h // 64 * 64
-    f = 1 if sd.vae is None else 8
+    default = 512 if sd.vae is not None else 32           # zd's pixel-space demo models are 32×32
     images = generate(sd, [args.prompt] * args.n, negative=args.negative, steps=args.steps, cfg=args.cfg,
-                      rescale=args.rescale, seed=args.seed, width=width or 64 * f, height=height or 64 * f,
+                      rescale=args.rescale, seed=args.seed, width=width or default, height=height or default,
                       prediction=args.prediction, zero_terminal_snr=None if args.schedule is None else args.schedule == "zt",
-                      image=args.image, mask=args.mask, strength=args.strength, device=device, dtype=dtype)
+                      image=args.image, mask=args.mask, strength=args.strength)
     for path in save_png(images, args.out, cols=min(args.n, 4)):
         print(f"wrote {path}")
 
@@ -431,8 +433,9 @@ def main(argv=None):
     s.add_argument("--rescale", type=float, default=0.7, help="CFG rescale φ, Lin et al. 2023 Alg. 2 (default 0.7)")
     s.add_argument("--seed", type=int, default=0, help='initial latent = torch.randn((n, 4, H/8, W/8), generator='
                    'torch.Generator("cpu").manual_seed(SEED)), float32, as diffusers draws it (default 0)')
-    s.add_argument("--width", type=int, help="multiple of 64 (default 512, or --image's size rounded down)")
-    s.add_argument("--height", type=int, help="multiple of 64 (default 512, or --image's size rounded down)")
+    s.add_argument("--width", type=int, help="multiple of 64 (default 512, or --image's size rounded down; "
+                                             "pixel-space demo models: multiple of 8, default 32)")
+    s.add_argument("--height", type=int, help="as --width")
     s.add_argument("--n", type=int, default=1, help="images of the prompt, sampled as one batch (default 1)")
     s.add_argument("--out", default="sample.png", help="a .png path, or a folder for several images plus grid.png "
                                                        "(default sample.png)")
