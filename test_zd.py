@@ -1036,7 +1036,7 @@ def test_unmarked_model_samples_as_sd15_eps(capsys):
     """A checkpoint without markers (stock SD1.5) is sampled as ε on SD1.5's own schedule, and the sampler says so."""
     sd = _stub_sd({})
     zd.generate(sd, ["x"], steps=10, cfg=1.0, width=64, height=64, progress=False)
-    assert "assuming SD1.5's (ε prediction, SD1.5 schedule)" in capsys.readouterr().out
+    assert "assuming ε prediction on the SD1.5 schedule" in capsys.readouterr().out
     _check_ddim_transitions(sd.unet.calls, dict(prediction_type="epsilon"))
     assert zd.sampling_schedule({"prediction": "v", "ztsnr": True}, prediction="eps", zero_terminal_snr=False) == \
         ("eps", False)                                    # overrides win over markers

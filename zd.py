@@ -130,12 +130,10 @@ def sampling_schedule(meta, prediction=None, zero_terminal_snr=None):
     first step would divide by √ᾱ_999 = 0 (SPEC §7.7)."""
     pred = prediction or meta.get("prediction")
     zt = zero_terminal_snr if zero_terminal_snr is not None else meta.get("ztsnr")
-    if pred is None or zt is None:
-        print(f"note: the checkpoint does not say {'what it predicts' if pred is None else 'its schedule'}; assuming "
-              f"SD1.5's ({'ε' if pred is None else pred} prediction, "
-              f"{'SD1.5' if zt is None else 'zero-terminal-SNR' if zt else 'SD1.5'} schedule). "
-              "Override with --prediction v|eps and --schedule zt|sd15.")
+    if pred is None or zt is None:                        # unmarked: what SD1.5 itself is
         pred, zt = pred or "eps", bool(zt)
+        print(f"note: the checkpoint is not fully marked; assuming {'ε' if pred == 'eps' else 'v'} prediction on the "
+              f"{'zero-terminal-SNR' if zt else 'SD1.5'} schedule. Override with --prediction v|eps, --schedule zt|sd15.")
     if pred not in ("v", "eps"):
         raise ValueError(f"unknown prediction type {pred!r}: use 'v' or 'eps'")
     if pred == "eps" and zt:
