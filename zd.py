@@ -13,12 +13,14 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 import types
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -124,6 +126,213 @@ def vectors(args):
             "zd.seed": str(args.seed)}
     save_file(v, args.out, metadata=meta)
     print(f"wrote {len(v)} tensors to {args.out} (descriptions in the header's zd.description)")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# zd.py sample: DDIM (η = 0) on trailing timesteps with CFG rescale — the sampler a zero-terminal-SNR v model needs
+
+def sampling_schedule(meta, prediction=None, zero_terminal_snr=None):
+    """(prediction, zero_terminal_snr) to sample with: the arguments when given, else the checkpoint's markers, else
+    SD1.5's own (ε on the scaled-linear schedule), saying so. ε on the zero-terminal-SNR schedule is refused: its
+    first step would divide by √ᾱ_999 = 0 (SPEC §7.7)."""
+    pred = prediction or meta.get("prediction")
+    zt = zero_terminal_snr if zero_terminal_snr is not None else meta.get("ztsnr")
+    if pred is None or zt is None:
+        print(f"note: the checkpoint does not say {'what it predicts' if pred is None else 'its schedule'}; assuming "
+              f"SD1.5's ({'ε' if pred is None else pred} prediction, "
+              f"{'SD1.5' if zt is None else 'zero-terminal-SNR' if zt else 'SD1.5'} schedule). "
+              "Override with --prediction v|eps and --schedule zt|sd15.")
+        pred, zt = pred or "eps", bool(zt)
+    if pred not in ("v", "eps"):
+        raise ValueError(f"unknown prediction type {pred!r}: use 'v' or 'eps'")
+    if pred == "eps" and zt:
+        raise ValueError("ε-prediction cannot be sampled on the zero-terminal-SNR schedule: x̂0 = (x_t − √(1−ᾱ)·ε)/√ᾱ "
+                         "divides by √ᾱ_999 = 0. A model trained with ZT is a v model (--prediction v); a stock SD1.5 "
+                         "checkpoint is ε on its own schedule (--schedule sd15).")
+    return pred, zt
+
+
+def load_image(image, width, height):
+    """A path, PIL image or tensor → [1, 3, H, W] in [−1, 1]; PIL images resized with Lanczos, as diffusers does."""
+    if isinstance(image, torch.Tensor):
+        return image.reshape(-1, 3, *image.shape[-2:]).float()
+    img = Image.open(image) if isinstance(image, (str, os.PathLike)) else image
+    img = img.convert("RGB")
+    if img.size != (width, height):
+        img = img.resize((width, height), Image.LANCZOS)
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None] * 2 - 1
+
+
+def load_mask(mask, width, height):
+    """A path, PIL image or tensor → [1, 1, H, W] of 0/1, 1 = repaint (white), binarised at 0.5 like diffusers."""
+    if isinstance(mask, torch.Tensor):
+        m = mask.reshape(-1, 1, *mask.shape[-2:]).float()
+    else:
+        img = (Image.open(mask) if isinstance(mask, (str, os.PathLike)) else mask).convert("L")
+        if img.size != (width, height):
+            img = img.resize((width, height), Image.LANCZOS)
+        m = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255)[None, None]
+    return (m >= 0.5).float()
+
+
+def on(module, x):
+    """x on a network's device and in its dtype (fp16/bf16 weights); the sampler's own state stays float32."""
+    p = next(module.parameters())
+    return x.to(p.device, p.dtype)
+
+
+def encode_prompts(sd, prompts, device):
+    """CLIP embeddings [B, 77, C] of the prompts, warning when a prompt is cut to its first 75 tokens."""
+    for p in prompts:
+        if sd.tokenizer.count(p) > 75:
+            print(f"warning: prompt truncated to 75 CLIP tokens (it has {sd.tokenizer.count(p)}): {p[:60]!r}…",
+                  file=sys.stderr)
+    ids = sd.tokenizer(prompts).to(next(sd.text_encoder.parameters()).device)
+    return sd.text_encoder(ids).float().to(device)
+
+
+def encode_image(sd, image, generator):
+    """The latent of an image in [−1, 1]: VAE_SCALE·z with z a posterior *sample* (SPEC §3), drawn from the sampling
+    generator as diffusers' pipelines do (retrieve_latents, sample_mode="sample"). Pixel-space models: the image itself."""
+    if sd.vae is None:
+        return image
+    mean, logvar = (a.float().to(image.device) for a in sd.vae.encode(on(sd.vae, image)))
+    xi = torch.randn(mean.shape, generator=generator).to(image.device)
+    return model.VAE_SCALE * (mean + (0.5 * logvar).exp() * xi)
+
+
+def decode_latents(sd, latents):
+    """Latents → uint8 [N, H, W, 3], one image at a time (bounded memory), rounded like diffusers' image processor:
+    round(clamp(x/2 + 1/2, 0, 1)·255)."""
+    images = []
+    for z in latents.split(1):
+        if sd.vae is not None:
+            z = sd.vae.decode(on(sd.vae, z / model.VAE_SCALE))
+        images.append(((z.float().cpu() * 0.5 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8))
+    return torch.cat(images).permute(0, 2, 3, 1).contiguous()
+
+
+@torch.no_grad()
+def generate(sd, prompts, *, negative="", steps=25, cfg=7.5, rescale=0.7, seed=0, width=512, height=512,
+             prediction=None, zero_terminal_snr=None, image=None, mask=None, strength=None,
+             device=None, dtype=None, progress=True):
+    """Images for a list of prompts (one image each; repeat a prompt for several), uint8 [N, H, W, 3].
+
+    DDIM, η = 0 (Song et al. 2021), on N trailing timesteps starting at t = 999 (Lin et al. 2023, Table 2), with
+    classifier-free guidance `cfg` rescaled by φ = `rescale` (Lin et al. 2023, Alg. 2), on the schedule and
+    parameterisation the checkpoint is marked with (`sampling_schedule`).
+    The initial noise is the first draw of the seed's generator, exactly
+        torch.randn((N, C, H/8, W/8), generator=torch.Generator("cpu").manual_seed(seed))   # float32, then moved
+    (C = 4; pixel-space models: C = UNet in-channels at H×W), as diffusers' pipelines draw it with the same generator.
+    `image` (path, PIL or [1, 3, H, W] in [−1, 1]): img2img for a base model, starting `strength` (default 0.8) of the
+    way up the step list as diffusers' img2img does; the inpainting input for a 9-channel model with `mask`
+    (white = repaint; default strength 1.0). Posterior samples of the VAE are drawn from the same generator after
+    the noise. `sd`'s modules are used on their own device and dtype; `device`/`dtype` move them there first."""
+    pred, zt = sampling_schedule(sd.meta, prediction, zero_terminal_snr)
+    if device is not None or dtype is not None:
+        for m in (sd.unet, sd.vae, sd.text_encoder):
+            if m is not None:
+                m.to(device=device, dtype=dtype)
+    device = next(sd.unet.parameters()).device
+    inpaint = bool(sd.meta.get("inpaint"))
+    f = 1 if sd.vae is None else 8
+    if width % (8 * f) or height % (8 * f):
+        raise ValueError(f"width and height must be multiples of {8 * f} (the UNet halves the latent three times)")
+    if inpaint and (image is None or mask is None):
+        raise ValueError("an inpainting model needs an image and a mask (white = repaint)")
+    if mask is not None and not inpaint:
+        raise ValueError("a mask needs an inpainting (9-channel UNet) model; a base model takes --image alone (img2img)")
+    strength = (1.0 if inpaint else 0.8) if strength is None else strength
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+    n = len(prompts)
+
+    abar = S.alphas_cumprod(S.betas(zt))                  # float64; ᾱ is looked up per step, never held in fp16
+    ts = S.timesteps(steps, "trailing")
+    if image is not None:                                 # diffusers' img2img/inpaint get_timesteps: skip the first
+        ts = ts[steps - min(int(steps * strength), steps):]   # N − ⌊N·strength⌋ steps of the list
+        if len(ts) == 0:
+            raise ValueError(f"strength {strength} leaves no step of {steps}")
+
+    generator = torch.Generator("cpu").manual_seed(seed)
+    channels = 4 if sd.vae is not None else sd.unet.cfg.in_channels
+    noise = torch.randn((n, channels, height // f, width // f), generator=generator).to(device)
+    context = encode_prompts(sd, negatives + prompts, device)      # [uncond; cond], as diffusers batches them
+    x = noise
+    if image is not None:
+        image = load_image(image, width, height).to(device)
+        if inpaint:
+            m = load_mask(mask, width, height).to(device)
+            masked = encode_image(sd, image * (m < 0.5), generator)          # SPEC §3: image·(mask < 0.5)
+            cond = torch.cat([F.interpolate(m, size=noise.shape[-2:]), masked], dim=1).expand(n, -1, -1, -1)
+        if not inpaint or strength < 1:
+            # the image noised to the first step's ᾱ, x_t = √ᾱ·x0 + √(1−ᾱ)·ε (Ho et al. 2020, eq. 4); an inpainting
+            # model at strength 1 starts from pure noise, as diffusers' inpainting pipeline does
+            x = S.add_noise(encode_image(sd, image, generator).expand_as(noise), noise, abar[ts[0]])
+
+    start = time.time()
+    for i, t in enumerate(ts.tolist()):
+        x_in = torch.cat([x, x])
+        if inpaint:
+            x_in = torch.cat([x_in, torch.cat([cond, cond])], dim=1)     # [x_t (4), mask (1), masked latent (4)]
+        out = sd.unet(on(sd.unet, x_in), torch.full((2 * n,), t, device=device), on(sd.unet, context))
+        out_u, out_c = out.float().chunk(2)
+        out = S.cfg(out_u, out_c, cfg, rescale) if cfg > 1 else out_c   # on the raw model output (v or ε)
+        x = S.ddim_step(x, out, abar[t], S.abar_at(abar, S.prev_timestep(ts, i)), pred)
+        if progress:
+            print(f"\rsampling: step {i + 1}/{len(ts)}  t={t:3d}  {time.time() - start:5.1f}s", end="", file=sys.stderr,
+                  flush=True)
+    if progress:
+        print(file=sys.stderr)
+    return decode_latents(sd, x)
+
+
+def save_png(images, out, cols=None):
+    """Write uint8 [N, H, W, 3] images: to `out` itself when it ends in .png and N = 1; otherwise one PNG per image
+    (out/000.png … in a folder, or out-000.png … beside a .png path) plus a grid (out/grid.png or the .png path).
+    Returns the paths written."""
+    arrays = [im.cpu().numpy() for im in images]
+    if out.lower().endswith(".png") and len(arrays) == 1:
+        paths = [out]
+    elif out.lower().endswith(".png"):
+        paths = [f"{out[:-4]}-{i:03d}.png" for i in range(len(arrays))]
+    else:
+        paths = [os.path.join(out, f"{i:03d}.png") for i in range(len(arrays))]
+    os.makedirs(os.path.dirname(paths[0]) or ".", exist_ok=True)
+    for a, path in zip(arrays, paths):
+        Image.fromarray(a).save(path)
+    if len(arrays) > 1:
+        cols = cols or math.ceil(math.sqrt(len(arrays)))
+        rows = math.ceil(len(arrays) / cols)
+        h, w = arrays[0].shape[:2]
+        grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
+        for i, a in enumerate(arrays):
+            grid[i // cols * h:(i // cols + 1) * h, i % cols * w:(i % cols + 1) * w] = a
+        paths.append(out if out.lower().endswith(".png") else os.path.join(out, "grid.png"))
+        Image.fromarray(grid).save(paths[-1])
+    return paths
+
+
+def sample(args):
+    """Sample PNGs from a checkpoint: trailing DDIM (η = 0) with CFG rescale, on the schedule and parameterisation the
+    checkpoint is marked with (or --prediction/--schedule). --seed S draws the initial latent exactly as
+    torch.randn((n, 4, H/8, W/8), generator=torch.Generator("cpu").manual_seed(S)) in float32, then moves it to the
+    device, as diffusers does with generator=torch.Generator("cpu").manual_seed(S): a run reproduces the other's."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype or (
+        "fp16" if device.startswith("cuda") else "fp32")]
+    sd = model.load(args.model, vae_path=args.vae, ema=False if args.raw else None)
+    width, height = args.width, args.height
+    if args.image and not (width and height):
+        w, h = Image.open(args.image).size
+        width, height = width or w // 64 * 64, height or h // 64 * 64
+    f = 1 if sd.vae is None else 8
+    images = generate(sd, [args.prompt] * args.n, negative=args.negative, steps=args.steps, cfg=args.cfg,
+                      rescale=args.rescale, seed=args.seed, width=width or 64 * f, height=height or 64 * f,
+                      prediction=args.prediction, zero_terminal_snr=None if args.schedule is None else args.schedule == "zt",
+                      image=args.image, mask=args.mask, strength=args.strength, device=device, dtype=dtype)
+    for path in save_png(images, args.out, cols=min(args.n, 4)):
+        print(f"wrote {path}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -572,6 +781,37 @@ def parser():
     s.add_argument("--out", default="zd_vectors.safetensors", help="output file (default zd_vectors.safetensors)")
     s.add_argument("--seed", type=int, default=0, help="seed of the random cases (default 0)")
     s.set_defaults(func=vectors)
+
+    s = sub.add_parser("sample", help="generate PNGs: trailing DDIM with CFG rescale, right for v/zero-terminal-SNR models",
+                       description=sample.__doc__)
+    s.add_argument("--model", required=True, help="checkpoint: single .safetensors file or diffusers folder")
+    s.add_argument("--vae", help="a separate VAE .safetensors file to use instead of the checkpoint's")
+    s.add_argument("--raw", action="store_true", help="use the raw UNet weights of a file that also has EMA weights "
+                                                      "(default: the EMA weights)")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--negative", default="", help='negative prompt (default "", SD1.5\'s unconditional input)')
+    s.add_argument("--steps", type=int, default=25, help="DDIM steps, trailing spacing from t = 999 (default 25)")
+    s.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (default 7.5; ≤ 1: none)")
+    s.add_argument("--rescale", type=float, default=0.7, help="CFG rescale φ, Lin et al. 2023 Alg. 2 (default 0.7)")
+    s.add_argument("--seed", type=int, default=0, help='initial latent = torch.randn((n, 4, H/8, W/8), generator='
+                   'torch.Generator("cpu").manual_seed(SEED)), float32, as diffusers draws it (default 0)')
+    s.add_argument("--width", type=int, help="multiple of 64 (default 512, or --image's size rounded down)")
+    s.add_argument("--height", type=int, help="multiple of 64 (default 512, or --image's size rounded down)")
+    s.add_argument("--n", type=int, default=1, help="images of the prompt, sampled as one batch (default 1)")
+    s.add_argument("--out", default="sample.png", help="a .png path, or a folder for several images plus grid.png "
+                                                       "(default sample.png)")
+    s.add_argument("--prediction", choices=("v", "eps"), help="override the checkpoint's marker (unmarked: eps)")
+    s.add_argument("--schedule", choices=("zt", "sd15"), help="override the checkpoint's marker: zero terminal SNR or "
+                                                             "SD1.5's scaled-linear (unmarked: sd15)")
+    s.add_argument("--image", help="init image: img2img for a base model, the image to inpaint for an inpainting model")
+    s.add_argument("--mask", help="inpainting mask, white = repaint (inpainting models only)")
+    s.add_argument("--strength", type=float, help="how far up the step list --image starts (default 0.8 img2img, "
+                                                  "1.0 inpainting)")
+    s.add_argument("--device", help="default cuda if available, else cpu")
+    s.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="weights' dtype (default fp16 on GPU, fp32 on "
+                                                                     "CPU); the schedule math stays fp32/float64")
+    s.set_defaults(func=sample)
+
 
     s = sub.add_parser("train", help="fine-tune SD1.5 with the ZeroDiffusion recipe (no arguments: a 5-minute CPU demo)",
                        description=TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
