@@ -652,16 +652,17 @@ def listing(keys, limit=8):
     return ", ".join(keys[:limit]) + (f", … ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def build(cls, cfg, sd, name, dtype=torch.float32, device="cpu"):
-    """cls(cfg) with exactly sd's tensors: an error names missing and mis-shaped keys; returns (model, unused keys)."""
+def build(cls, cfg, sd, prefix="", dtype=torch.float32, device="cpu"):
+    """cls(cfg) holding sd's tensors; an error names the missing and mis-shaped keys (as prefix + key).
+    Returns (model, the keys of sd it did not use)."""
     with torch.device("meta"):
         model = cls(cfg)
     want = model.state_dict()
-    missing = set(want) - set(sd)
-    shaped = [f"{k} {tuple(sd[k].shape)} (expected {tuple(v.shape)})" for k, v in want.items()
+    missing = [prefix + k for k in want if k not in sd]
+    shaped = [f"{prefix}{k} {tuple(sd[k].shape)} (expected {tuple(v.shape)})" for k, v in want.items()
               if k in sd and sd[k].shape != v.shape]
     if missing or shaped:
-        raise ValueError(f"{name} ({cfg}): {len(missing)} missing keys [{listing(missing)}]; "
+        raise ValueError(f"{cls.__name__} ({cfg}): {len(missing)} missing keys [{listing(missing)}]; "
                          f"{len(shaped)} mis-shaped [{listing(shaped)}]")
     model.load_state_dict({k: sd[k].to(device, dtype) for k in want}, strict=True, assign=True)
     return model, set(sd) - set(want)
@@ -754,7 +755,7 @@ def load(path, vae_path=None, ema=None, *, dtype=torch.float32, device="cpu", ve
             cfg = infer(parts[prefix])
         except KeyError as e:
             raise ValueError(f"{path}: cannot infer the {name} sizes, key {prefix}{e.args[0]} is missing") from None
-        nets[name], unused = build(cls, cfg, parts[prefix], name, dtype, device)
+        nets[name], unused = build(cls, cfg, parts[prefix], prefix, dtype, device)
         ignored |= {prefix + k for k in unused}
         dtypes |= {str(v.dtype).removeprefix("torch.") for k, v in parts[prefix].items() if k not in unused}
 
@@ -880,7 +881,7 @@ def expand_to_inpaint(unet: UNet) -> UNet:
     sd = dict(unet.state_dict())
     w = sd["input_blocks.0.0.weight"]
     sd["input_blocks.0.0.weight"] = torch.cat([w, w.new_zeros(w.shape[0], 5, *w.shape[2:])], dim=1)
-    return build(UNet, replace(unet.cfg, in_channels=9), sd, "UNet", w.dtype, w.device)[0]
+    return build(UNet, replace(unet.cfg, in_channels=9), sd, dtype=w.dtype, device=w.device)[0]
 
 
 def add_difference(a, b, c, alpha=1.0):

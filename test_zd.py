@@ -702,3 +702,312 @@ def test_sample_steps_follow_the_trailing_list(n):
     assert ts == S.timesteps(n).tolist() and ts[0] == 999
     if n == 13:
         assert ts[1] == 922 != 999 - 1000 // 13
+
+
+def flat(sd):
+    """Every tensor of an model.SD under its LDM name."""
+    nets = ((model.UNET_PREFIX, sd.unet), (model.VAE_PREFIX, sd.vae), (model.CLIP_PREFIX, sd.text_encoder))
+    return {p + k: v for p, net in nets if net is not None for k, v in net.state_dict().items()}
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tiny_sd, tmp_path_factory):
+    """The tiny base pipeline as our single file, and its loaded tensors."""
+    folder, _ = tiny_sd()
+    path = tmp_path_factory.mktemp("single") / "tiny.safetensors"
+    sd = model.load(folder)
+    model.save(path, sd.unet, sd.text_encoder, sd.vae)
+    return path, flat(sd)
+
+
+@pytest.mark.parametrize("variant", ["base", "inpaint"])
+def test_diffusers_loads_our_single_file_bit_identical(tiny_sd, tmp_path, variant):
+    """diffusers folder → model.load → model.save → diffusers' own from_single_file: every tensor unchanged."""
+    from diffusers import StableDiffusionPipeline
+    folder, ref = tiny_sd(variant)
+    sd = model.load(folder)
+    model.save(tmp_path / "m.safetensors", sd.unet, sd.text_encoder, sd.vae)
+    config = tmp_path / "config"
+    shutil.copytree(folder, config, ignore=shutil.ignore_patterns("*.safetensors"))
+    pipe = StableDiffusionPipeline.from_single_file(str(tmp_path / "m.safetensors"), config=str(config),
+                                                    local_files_only=True)
+    for name in ("unet", "vae", "text_encoder"):
+        got, want = getattr(pipe, name).state_dict(), getattr(ref, name).state_dict()
+        want = {k: v for k, v in want.items() if "position_ids" not in k}
+        assert_same({k: v for k, v in got.items() if "position_ids" not in k}, want)
+
+
+SCHEDULE_BUFFERS = ["betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                    "posterior_mean_coef1", "posterior_mean_coef2"]
+
+
+def test_single_file_variants_load_the_same_tensors(tiny_file, tmp_path):
+    """SPEC §4's variants in the wild: schedule buffers, float position_ids, junk keys, CLIP without text_model.,
+    fp16; each loads the same tensors, counts what it ignored, and load → save → load is bit-identical."""
+    path, want = tiny_file
+    base = load_file(path)
+    junk = {k: torch.rand(1000) for k in SCHEDULE_BUFFERS}
+    junk.update({"cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77.0)[None] + 0.3,
+                 "lora_unet_foo.alpha": torch.tensor(1.0), "first_stage_model.loss.logvar": torch.zeros(())})
+    no_text_model = {k.replace("transformer.text_model.", "transformer."): v for k, v in base.items()}
+    variants = {"junk": ({**base, **junk}, len(junk), want), "no_text_model": (no_text_model, 0, want),
+                "fp16": ({k: v.half() for k, v in base.items()}, 0, {k: v.half().float() for k, v in want.items()})}
+    for name, (tensors, n_ignored, expected) in variants.items():
+        save_file(tensors, tmp_path / f"{name}.safetensors")
+        sd = model.load(tmp_path / f"{name}.safetensors")
+        assert_same(flat(sd), expected)
+        assert len(sd.meta["ignored"]) == n_ignored and sd.meta["loaded"] == len(want), name
+        model.save(tmp_path / f"{name}_again.safetensors", sd.unet, sd.text_encoder, sd.vae, half=name == "fp16")
+        assert_same(flat(model.load(tmp_path / f"{name}_again.safetensors")), expected)
+        if name == "fp16":
+            assert sd.meta["dtypes"] == ["float16"]
+            markers = {"v_pred": base["v_pred"], "ztsnr": base["ztsnr"]}  # empty, so their dtype is moot
+            assert_same(load_file(tmp_path / "fp16_again.safetensors"), {**tensors, **markers})
+
+
+def test_ema_weights_chosen_explicitly(tiny_file, tmp_path):
+    """v1-5-pruned layout: raw UNet under model.diffusion_model.*, EMA under model_ema.<path without dots>."""
+    path, want = tiny_file
+    base = load_file(path)
+    ema = {k: v + 1.0 for k, v in base.items() if k.startswith(model.UNET_PREFIX)}
+    assert model.ema_key("model.diffusion_model.input_blocks.0.0.weight") == \
+        "model_ema.diffusion_modelinput_blocks00weight"
+    full = {**base, **{model.ema_key(k): v for k, v in ema.items()},
+            "model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(100, dtype=torch.int32)}
+    save_file(full, tmp_path / "full.safetensors")
+    unet = lambda sd: {model.UNET_PREFIX + k: v for k, v in sd.unet.state_dict().items()}
+    for choice, expected, label in ((None, ema, "ema"), (True, ema, "ema"), (False, None, "raw")):
+        sd = model.load(tmp_path / "full.safetensors", ema=choice)
+        assert_same(unet(sd), expected or {k: base[k] for k in ema})
+        assert sd.meta["ema"] == label and sd.meta["ema_present"]
+        assert len(sd.meta["ignored"]) == len(ema) + 2  # the other UNet copy, decay, num_updates
+    assert model.load(path).meta["ema"] is None  # an emaonly file: one UNet, stored as is
+    with pytest.raises(ValueError, match="no model_ema"):
+        model.load(path, ema=True)
+    del full[model.ema_key(model.UNET_PREFIX + "out.2.bias")]
+    save_file(full, tmp_path / "partial.safetensors")
+    with pytest.raises(ValueError, match="model_ema.diffusion_modelout2bias"):
+        model.load(tmp_path / "partial.safetensors")
+
+
+def test_missing_and_misshaped_keys_are_named(tiny_file, tmp_path):
+    path, _ = tiny_file
+    cases = {"missing": lambda sd: sd.pop(model.UNET_PREFIX + "middle_block.1.proj_out.bias"),
+             "shape": lambda sd: sd.update({model.VAE_PREFIX + "decoder.conv_out.bias": torch.zeros(4)}),
+             "many": lambda sd: [sd.pop(k) for k in list(sd) if ".attn2." in k]}
+    errors = {"missing": r"1 missing keys \[model\.diffusion_model\.middle_block\.1\.proj_out\.bias\]",
+              "shape": r"1 mis-shaped \[first_stage_model\.decoder\.conv_out\.bias \(4,\) \(expected \(3,\)\)\]",
+              "many": r"80 missing keys \[model\.diffusion_model\.input_blocks\.1\.1\.transformer_blocks\.0\."
+                      r"attn2\.to_k\.weight, .*, … \(72 more\)\]"}
+    for name, damage in cases.items():
+        broken = load_file(path)
+        damage(broken)
+        save_file(broken, tmp_path / "broken.safetensors")
+        with pytest.raises(ValueError, match=errors[name]):
+            model.load(tmp_path / "broken.safetensors")
+
+
+def test_separate_vae_file_and_missing_vae(tiny_sd, tiny_file, tmp_path):
+    folder, _ = tiny_sd()
+    path, want = tiny_file
+    no_vae = {k: v for k, v in load_file(path).items() if not k.startswith(model.VAE_PREFIX)}
+    save_file(no_vae, tmp_path / "no_vae.safetensors")
+    with pytest.raises(ValueError, match=r"no vae tensors \(pass vae_path\).*first_stage_model\."):
+        model.load(tmp_path / "no_vae.safetensors")
+    vae = {k.removeprefix(model.VAE_PREFIX): v for k, v in want.items() if k.startswith(model.VAE_PREFIX)}
+    save_file(vae, tmp_path / "vae.safetensors")
+    for vae_file in (tmp_path / "vae.safetensors", folder / "vae" / "diffusion_pytorch_model.safetensors"):
+        assert_same(flat(model.load(tmp_path / "no_vae.safetensors", vae_path=vae_file)), want)
+    sd = model.load(path, vae_path=tmp_path / "vae.safetensors")
+    assert len(sd.meta["ignored"]) == len(vae)  # the file's own VAE, replaced
+
+
+def test_pixel_space_model_has_no_vae(tmp_path):
+    unet = model.UNet(model.UNetConfig.tiny(in_channels=3, out_channels=3))  # works on pixels directly
+    te = model.CLIPTextModel(model.CLIPConfig.tiny())
+    model.save(tmp_path / "px.safetensors", unet, te)
+    sd = model.load(tmp_path / "px.safetensors")
+    assert sd.vae is None and sd.meta["pixel_space"] and sd.unet.cfg.in_channels == 3
+    assert not (tmp_path / "px.yaml").exists()
+
+
+def test_markers_written_and_read(tiny_sd, tiny_file, tmp_path):
+    """SPEC §4: v-prediction / ZTSNR declared by header metadata, empty v_pred/ztsnr tensors and a sidecar yaml."""
+    path, want = tiny_file
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        meta, keys = f.metadata(), set(f.keys())
+    assert meta["modelspec.prediction_type"] == "v" and meta["zd.prediction"] == "v" and meta["zd.ztsnr"] == "true"
+    assert json.loads(meta["zd.config"])["unet"]["model_channels"] == 32
+    assert {"v_pred", "ztsnr"} <= keys
+    yaml = path.with_suffix(".yaml").read_text()
+    assert 'parameterization: "v"' in yaml and "LatentDiffusion" in yaml and "in_channels: 4" in yaml
+    assert (model.load(path).meta["prediction"], model.load(path).meta["ztsnr"]) == ("v", True)
+
+    sd = model.load(path)
+    model.save(tmp_path / "eps.safetensors", sd.unet, sd.text_encoder, sd.vae, prediction="eps", ztsnr=False)
+    assert "v_pred" not in load_file(tmp_path / "eps.safetensors")
+    assert (model.load(tmp_path / "eps.safetensors").meta["prediction"],
+            model.load(tmp_path / "eps.safetensors").meta["ztsnr"]) == ("eps", False)
+
+    bare = {k: v for k, v in load_file(path).items() if k not in ("v_pred", "ztsnr")}
+    save_file(bare, tmp_path / "bare.safetensors")
+    assert (model.load(tmp_path / "bare.safetensors").meta["prediction"],
+            model.load(tmp_path / "bare.safetensors").meta["ztsnr"]) == (None, None)
+    save_file({**bare, "v_pred": torch.zeros(0), "ztsnr": torch.zeros(0)}, tmp_path / "keys.safetensors")
+    assert (model.load(tmp_path / "keys.safetensors").meta["prediction"],
+            model.load(tmp_path / "keys.safetensors").meta["ztsnr"]) == ("v", True)
+    shutil.copy(path.with_suffix(".yaml"), tmp_path / "bare.yaml")
+    assert model.load(tmp_path / "bare.safetensors").meta["prediction"] == "v"
+
+    inpaint = model.load(tiny_sd("inpaint")[0])
+    assert inpaint.meta["inpaint"] and inpaint.meta["prediction"] == "eps"  # the folder's DDIM scheduler config
+    model.save(tmp_path / "inp.safetensors", inpaint.unet, inpaint.text_encoder, inpaint.vae)
+    yaml = (tmp_path / "inp.yaml").read_text()
+    assert "LatentInpaintDiffusion" in yaml and "in_channels: 9" in yaml and "conditioning_key: hybrid" in yaml
+    assert not list(tmp_path.glob("*.tmp"))  # written atomically
+
+
+def test_meta_device_reads_only_the_header(tiny_file):
+    path, want = tiny_file
+    sd = model.load(path, device="meta")
+    assert sd.unet.input_blocks[0][0].weight.is_meta and sd.meta["loaded"] == len(want)
+    assert sd.unet.cfg == model.UNetConfig.tiny() and sd.vae.cfg == model.VAEConfig.tiny()
+    assert sd.text_encoder.cfg == model.CLIPConfig.tiny()
+
+
+def test_expand_to_inpaint_starts_as_the_base():
+    torch.manual_seed(0)
+    base = randomize(model.UNet(model.UNetConfig.tiny()))
+    inpaint = model.expand_to_inpaint(base)
+    assert inpaint.cfg.in_channels == 9 and inpaint.input_blocks[0][0].weight[:, 4:].eq(0).all()
+    x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 64)
+    extra = torch.randn(1, 5, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(inpaint(torch.cat([x, extra], 1), torch.tensor(5), ctx), base(x, torch.tensor(5), ctx))
+
+
+def test_add_difference():
+    """inpaint + α·(tuned − base); the 9-channel conv_in gets the difference on its first 4 input channels."""
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g)
+    a = {"w": r(3, 2), "input_blocks.0.0.weight": r(5, 9, 3, 3), "only_a": r(2)}
+    b = {"w": r(3, 2), "input_blocks.0.0.weight": r(5, 4, 3, 3)}
+    c = {"w": r(3, 2), "input_blocks.0.0.weight": r(5, 4, 3, 3)}
+    out = model.add_difference(a, b, c, alpha=0.5)
+    assert torch.allclose(out["w"], a["w"] + 0.5 * (b["w"] - c["w"]))
+    conv = "input_blocks.0.0.weight"
+    assert torch.allclose(out[conv][:, :4], a[conv][:, :4] + 0.5 * (b[conv] - c[conv]))
+    assert torch.equal(out[conv][:, 4:], a[conv][:, 4:]) and torch.equal(out["only_a"], a["only_a"])
+    with pytest.raises(ValueError, match="cannot add"):
+        model.add_difference({"w": r(3, 3)}, {"w": r(3, 2)}, {"w": r(3, 2)})
+
+
+@pytest.mark.skipif(not FULL, reason="ZD_FULL=1: full-size SD1.5 networks on random weights (≈ 1 min, 8 GB)")
+def test_full_size_matches_diffusers_and_transformers():
+    """SD1.5's real sizes: UNet at 64×64 latents, VAE at 256², CLIP-L; printed with pytest -s."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+    g = torch.Generator().manual_seed(0)
+    x, ctx, t = torch.randn(1, 4, 64, 64, generator=g), torch.randn(1, 77, 768, generator=g), torch.tensor([500])
+    ref = randomize(UNet2DConditionModel(**diffusers_unet_config(model.UNetConfig())))
+    ours = model.build(model.UNet, model.UNetConfig(), model.unet_from_diffusers(ref.state_dict()))[0]
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        a = ours(x, t, ctx)
+        t1 = time.perf_counter()
+        b = ref(x, t, encoder_hidden_states=ctx).sample
+        t2 = time.perf_counter()
+    print(f"\nUNet 64×64: max |Δ| {(a - b).abs().max():.3g} (output max {b.abs().max():.3g}); "
+          f"zd {t1 - t0:.1f} s, diffusers {t2 - t1:.1f} s")
+    assert rel_err(a, b) < 1e-4
+    del ref, ours
+    ref = randomize(AutoencoderKL(**diffusers_vae_config(model.VAEConfig())))
+    ours = model.build(model.VAE, model.VAEConfig(), model.vae_from_diffusers(ref.state_dict()))[0]
+    images = torch.rand(1, 3, 256, 256, generator=g) * 2 - 1
+    with torch.no_grad():
+        mean, _ = ours.encode(images)
+        ref_mean = ref.encode(images).latent_dist.mean
+        decoded, ref_decoded = ours.decode(mean), ref.decode(ref_mean).sample
+    print(f"VAE 256²: encode max |Δ| {(mean - ref_mean).abs().max():.3g}, "
+          f"decode max |Δ| {(decoded - ref_decoded).abs().max():.3g}")
+    assert rel_err(mean, ref_mean) < 1e-4 and rel_err(decoded, ref_decoded) < 1e-4
+    ref = randomize(CLIPTextModel(transformers_clip_config(model.CLIPConfig())))
+    ours = model.build(model.CLIPTextModel, model.CLIPConfig(),
+                       {k.removeprefix("text_model."): v for k, v in ref.state_dict().items()})[0]
+    ids = model.Tokenizer.default()(["a photograph of an astronaut riding a horse"])
+    with torch.no_grad():
+        a, b = ours(ids), ref(ids).last_hidden_state
+    print(f"CLIP-L: max |Δ| {(a - b).abs().max():.3g}")
+    assert rel_err(a, b) < 1e-4
+
+
+def test_cli_convert(tiny_sd, tiny_file, tmp_path):
+    import zd
+    folder, _ = tiny_sd()
+    path, want = tiny_file
+    zd.main(["convert", str(folder), str(tmp_path / "half.safetensors"), "--half"])
+    sd = model.load(tmp_path / "half.safetensors")
+    assert sd.meta["dtypes"] == ["float16"] and (sd.meta["prediction"], sd.meta["ztsnr"]) == ("eps", False)
+    assert_same(flat(sd), {k: v.half().float() for k, v in want.items()})
+
+    zd.main(["convert", str(path), str(tmp_path / "inp.safetensors"), "--inpaint", "--prediction", "eps"])
+    sd = model.load(tmp_path / "inp.safetensors")
+    assert sd.meta["inpaint"] and (sd.meta["prediction"], sd.meta["ztsnr"]) == ("eps", True)
+    assert "LatentInpaintDiffusion" in (tmp_path / "inp.yaml").read_text()
+    with pytest.raises(SystemExit, match="needs a 4-channel UNet"):
+        zd.main(["convert", str(tmp_path / "inp.safetensors"), str(tmp_path / "x.safetensors"), "--inpaint"])
+
+    tensors = load_file(path)
+    full = {**tensors, **{model.ema_key(k): v + 1 for k, v in tensors.items() if k.startswith(model.UNET_PREFIX)}}
+    save_file(full, tmp_path / "full.safetensors")
+    for flag, shift in (("--ema", 1), ("--no-ema", 0)):
+        zd.main(["convert", str(tmp_path / "full.safetensors"), str(tmp_path / "out.safetensors"), flag])
+        got = load_file(tmp_path / "out.safetensors")
+        assert torch.equal(got[model.UNET_PREFIX + "out.2.bias"], tensors[model.UNET_PREFIX + "out.2.bias"] + shift)
+        assert not any(k.startswith("model_ema.") for k in got)
+
+
+def test_cli_merge_add_difference(tiny_sd, tiny_file, tmp_path):
+    import zd
+    base_path, base = tiny_file
+    tuned = {k: v + 0.01 * torch.randn_like(v) if k.startswith(model.UNET_PREFIX) else v
+             for k, v in load_file(base_path).items()}
+    save_file(tuned, tmp_path / "tuned.safetensors", metadata={"zd.prediction": "v", "zd.ztsnr": "true"})
+    inpaint_folder, _ = tiny_sd("inpaint")
+    zd.main(["merge", str(inpaint_folder), str(tmp_path / "tuned.safetensors"), str(base_path),
+             str(tmp_path / "merged.safetensors")])
+    merged, inpaint = model.load(tmp_path / "merged.safetensors"), flat(model.load(inpaint_folder))
+    assert merged.meta["inpaint"] and (merged.meta["prediction"], merged.meta["ztsnr"]) == ("v", True)
+    got = flat(merged)
+    for k in (model.UNET_PREFIX + "out.2.weight", model.UNET_PREFIX + "middle_block.1.proj_in.weight"):
+        assert torch.allclose(got[k], inpaint[k] + tuned[k] - base[k], atol=1e-6)
+    conv = model.UNET_PREFIX + "input_blocks.0.0.weight"
+    assert torch.allclose(got[conv][:, :4], inpaint[conv][:, :4] + tuned[conv] - base[conv], atol=1e-6)
+    assert torch.equal(got[conv][:, 4:], inpaint[conv][:, 4:])
+    vae = model.VAE_PREFIX + "decoder.conv_out.weight"
+    assert torch.equal(got[vae], inpaint[vae])  # tuned and base share their VAE: zero difference
+
+
+def test_cli_inspect(tiny_file, tmp_path, capsys):
+    import zd
+    path, _ = tiny_file
+    tensors = {**load_file(path), **{k: torch.rand(1000) for k in SCHEDULE_BUFFERS}}
+    save_file({k: v.half() for k, v in tensors.items()}, tmp_path / "x.safetensors", metadata={"note": "hi"})
+    zd.main(["inspect", str(tmp_path / "x.safetensors")])
+    out = capsys.readouterr().out
+    for line in ("layout       single, base", "no model_ema.*", "prediction v, ztsnr True", "dtypes       float16",
+                 "unet         684 tensors", "model_channels=32", "ignored      12 keys: alphas_cumprod",
+                 "metadata     note = hi"):
+        assert line in out, line
+    save_file({"foo": torch.zeros(1)}, tmp_path / "junk.safetensors")
+    with pytest.raises(SystemExit, match="not an SD1.5-family checkpoint"):
+        zd.main(["inspect", str(tmp_path / "junk.safetensors")])
