@@ -15,18 +15,23 @@ import os
 import signal
 import sys
 import time
-import types
+from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+# OpenMP threads that busy-wait at every barrier collapse when the cores are shared (measured on a 2-core host with one
+# other busy process: 9.7 s per demo step instead of 0.5 s). Passive waiting costs little when the cores are free.
+# It must be set before torch loads OpenMP; OMP_WAIT_POLICY in the environment still wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import data
-import model
-import schedule as S
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+import data  # noqa: E402
+import model  # noqa: E402
+import schedule as S  # noqa: E402
 
 
 def markers_for(args, meta):
@@ -421,12 +426,13 @@ RECIPE = dict(out="runs/zd", steps=10000, batch_size=4, lr=1e-5, warmup=500, ema
               sample_prompts=["a photograph of an astronaut riding a horse", "a plain black image",
                               "a plain white image", "a red apple on a wooden table"])
 # The demo trains from scratch: a larger LR, and an EMA whose horizon 1/(1 − d) = 50 steps is short next to the run
-# (at 0.9999 the EMA of a few hundred steps would still be ~97% random init). Images are 24–40 px (data.DEMO_BUCKETS).
-DEMO = dict(data=["demo"], out="runs/demo", steps=300, batch_size=32, lr=1e-3, warmup=20, ema_decay=0.98,
-            log_every=5, save_every=100, sample_every=100, text_cache=1024, sample_size=[32, 32],
-            **data.DEMO_BUCKETS, sample_prompts=["a plain black image", "a plain white image",
-                                                 "a red circle on a black background",
-                                                 "a blue square on a white background"])
+# (at 0.9999 the EMA of a few hundred steps would still be ~98% random init). Its buckets are 16×32, 24×24 and 32×16
+# px, small enough for 200 steps of batch 32 to take about 5 minutes on two CPU cores.
+DEMO = dict(data=["demo"], out="runs/demo", steps=200, batch_size=32, lr=1e-3, warmup=20, ema_decay=0.98,
+            log_every=5, save_every=100, sample_every=100, text_cache=1024, sample_size=[24, 24],
+            bucket_area=24 * 24, bucket_min=16, bucket_max=32, bucket_step=8,
+            sample_prompts=["a plain black image", "a plain white image", "a red circle on a black background",
+                            "a blue square on a white background"])
 DEMO_UNET = dict(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(2,), context_dim=64)
 # What a resumed run may change; everything else comes from its train_state.json.
 RESUME_MAY_CHANGE = ("steps", "save_every", "sample_every", "log_every", "workers", "device", "max_bad_steps", "resume")
@@ -438,15 +444,11 @@ dropout to "", a constant EMA initialised from the checkpoint's EMA, CLIP and th
     torchrun --nproc_per_node 8 zd.py train --model ... --data '/data/shards/*.tar' ...
 
 With no --model it runs the built-in demo on the CPU in minutes: a small UNet trained from scratch in *pixel space*
-(no VAE; 24–40 px procedural images of plain colours and shapes), a tiny frozen random CLIP encoding the captions,
+(no VAE; 16–32 px procedural images of plain colours and shapes), a tiny frozen random CLIP encoding the captions,
 through the same recipe code. It writes runs/demo/model_ema.safetensors:
-    python zd.py sample --model runs/demo/model_ema.safetensors --prompt "a plain white image" --width 32 --height 32
+    python zd.py sample --model runs/demo/model_ema.safetensors --prompt "a plain white image" --width 24 --height 24
 `python zd.py demo` trains it again with SD1.5's schedule and ε and compares how black and white each gets."""
 T_BINS = 10  # the loss is also logged per timestep bin of 100 (as minRF does), to see where the model is still wrong
-
-
-class SD(types.SimpleNamespace):
-    """The networks the loop and `generate` use: unet, vae (None in pixel space), text_encoder, tokenizer, meta."""
 
 
 def demo_model(seed=0, prediction="v", ztsnr=True, inpaint=False):
@@ -457,7 +459,7 @@ def demo_model(seed=0, prediction="v", ztsnr=True, inpaint=False):
     unet = model.UNet(model.UNetConfig(in_channels=7 if inpaint else 3, out_channels=3, **DEMO_UNET))
     text_encoder = model.CLIPTextModel(model.CLIPConfig.tiny())
     meta = dict(prediction=prediction, ztsnr=ztsnr, inpaint=inpaint, pixel_space=True, ema=False)
-    return SD(unet=unet, vae=None, text_encoder=text_encoder, tokenizer=model.Tokenizer.default(), meta=meta)
+    return model.SD(unet, None, text_encoder, model.Tokenizer.default(), meta)
 
 
 def get_lr(step, lr, warmup, steps, schedule="constant"):
@@ -524,34 +526,25 @@ def init_distributed(device=None):
     return rank, world, device
 
 
-def atomic_write(path, write):
-    """write(tmp), then rename it over `path`: a reader, or a crash, never sees half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_state(out, step, position, unet, ema, opt, counters, args):
     """What a resume needs, as safetensors (tensors) + JSON (step, data position, counters, the run's settings); never
-    pickle. Optimiser state is flattened by parameter index: opt.{i}.exp_avg, opt.{i}.exp_avg_sq, opt.{i}.step."""
+    pickle. Optimiser state is flattened by parameter index: opt.{i}.exp_avg, opt.{i}.exp_avg_sq, opt.{i}.step.
+    There is no generator state to keep: every draw of the loop comes from generators seeded by (seed, step, sample
+    index) (sample_noise here, data.sample_rng for dropout, crops and masks), so step and position are the whole of it."""
     tensors = {f"unet.{k}": v for k, v in unet.state_dict().items()}
     tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
     for i, s in opt.state_dict()["state"].items():
         tensors.update({f"opt.{i}.{k}": torch.as_tensor(v) for k, v in s.items()})
-    # the loop draws nothing from the global generators (sample_noise seeds its own); saved for code that does
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
     settings = {k: v for k, v in vars(args).items() if k in TRAIN_DEFAULTS}
-    atomic_write(os.path.join(out, "train_state.safetensors"),
+    model.atomic_write(Path(out, "train_state.safetensors"),
                  lambda p: save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, p,
                                      metadata={"step": str(step)}))
     meta = dict(step=step, position=position, counters=counters, args=settings)
-    atomic_write(os.path.join(out, "train_state.json"), lambda p: open(p, "w").write(json.dumps(meta, indent=1)))
+    model.atomic_write(Path(out, "train_state.json"), lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
 
 
 def load_state(out, unet, ema, opt):
-    """Restore what save_state wrote into the UNet, EMA and optimiser (and the global RNGs); returns the JSON part."""
+    """Restore what save_state wrote into the UNet, EMA and optimiser; returns the JSON part."""
     meta = json.loads(open(os.path.join(out, "train_state.json")).read())
     path = os.path.join(out, "train_state.safetensors")
     with safe_open(path, "pt") as f:
@@ -568,9 +561,6 @@ def load_state(out, unet, ema, opt):
             _, i, name = k.split(".")
             opt_state["state"].setdefault(int(i), {})[name] = v
     opt.load_state_dict(opt_state)
-    torch.set_rng_state(tensors["rng.torch"])
-    if torch.cuda.is_available() and "rng.cuda" in tensors:
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
     return meta
 
 
@@ -586,8 +576,8 @@ def save_models(out, step, unet, ema, sd, args):
 def sample_grid(out, step, ema, sd, args):
     """EMA samples of the fixed prompts, four seeds each (out/samples/step_NNNNNN/grid.png, one row per prompt)."""
     w, h = args.sample_size
-    ema_sd = SD(unet=ema, vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer,
-                meta=dict(sd.meta, prediction=args.prediction, ztsnr=args.schedule == "zt"))
+    ema_sd = model.SD(ema, sd.vae, sd.text_encoder, sd.tokenizer,
+                      dict(sd.meta, prediction=args.prediction, ztsnr=args.schedule == "zt"))
     images = generate(ema_sd, [p for p in args.sample_prompts for _ in range(4)], steps=25, seed=0, width=w,
                       height=h, progress=False)
     save_png(images, os.path.join(out, "samples", f"step_{step:06d}"), cols=4)
@@ -656,7 +646,7 @@ def train(args):
     net = torch.nn.parallel.DistributedDataParallel(unet) if world > 1 else unet
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
 
-    # ---- fresh, or the saved run's weights, EMA, optimiser, RNGs, step and data position
+    # ---- fresh, or the saved run's weights, EMA, optimiser, step and data position
     step, position, counters = 0, -1, dict(skipped=0)
     if args.resume:
         state = load_state(args.out, unet, ema, opt)
@@ -813,7 +803,7 @@ def demo(args):
             train(parser().parse_args(["train", "--out", out, "--schedule", schedule, "--prediction", prediction,
                                        "--steps", str(args.steps), "--seed", str(args.seed)]))
         sd = model.load(os.path.join(out, "model_ema.safetensors"))
-        means = [generate(sd, [p] * args.n, steps=25, seed=args.seed, width=32, height=32, prediction=prediction,
+        means = [generate(sd, [p] * args.n, steps=25, seed=args.seed, width=24, height=24, prediction=prediction,
                           zero_terminal_snr=schedule == "zt", progress=False).float().mean().item() for p in prompts]
         rows.append((f"{'zero terminal SNR' if schedule == 'zt' else 'SD1.5'} schedule, {prediction}-prediction", means))
     print(f"\nmean pixel value (0–255) of {args.n} EMA samples each, 25 trailing DDIM steps, CFG 7.5, rescale 0.7:")
@@ -915,9 +905,9 @@ def parser():
                    "repeatable (demo default: demo)")
     g.add_argument("--out", help="output folder (default runs/zd; demo runs/demo)")
     g.add_argument("--min-side", type=int, help="keep images whose original shortest side is at least this (default 1024)")
-    g.add_argument("--bucket-area", type=int, help="bucket area in pixels (default 512·512; demo 32·32)")
-    g.add_argument("--bucket-min", type=int, help="shortest bucket side (default 384; demo 24)")
-    g.add_argument("--bucket-max", type=int, help="longest bucket side (default 640; demo 40)")
+    g.add_argument("--bucket-area", type=int, help="bucket area in pixels (default 512·512; demo 24·24)")
+    g.add_argument("--bucket-min", type=int, help="shortest bucket side (default 384; demo 16)")
+    g.add_argument("--bucket-max", type=int, help="longest bucket side (default 640; demo 32)")
     g.add_argument("--bucket-step", type=int, help="bucket side step (default 64; demo 8)")
     g.add_argument("--flip", action="store_true", default=None, help="random horizontal flips (default off)")
     g.add_argument("--random-crop", action="store_true", default=None, help="random instead of centre crops")
@@ -936,7 +926,7 @@ def parser():
                    "(default 0.1)")
     g.add_argument("--ema-decay", type=float, help="EMA decay, constant from step 1 (default 0.9999; demo 0.98)")
     g = s.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, help="optimiser steps (default 10000; demo 300)")
+    g.add_argument("--steps", type=int, help="optimiser steps (default 10000; demo 200)")
     g.add_argument("--batch-size", type=int, help="images per rank per micro-step (default 4; demo 32)")
     g.add_argument("--grad-accum", type=int, help="micro-steps accumulated per optimiser step (default 1)")
     g.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-5; demo 1e-3)")
@@ -955,7 +945,7 @@ def parser():
     g.add_argument("--sample-prompt", action="append", dest="sample_prompts", metavar="TEXT",
                    help="prompt of the sample grids; repeatable")
     g.add_argument("--sample-size", type=int, nargs=2, metavar=("W", "H"), help="sample grid size (default 512 512; "
-                   "demo 32 32)")
+                   "demo 24 24)")
     g.add_argument("--log-every", type=int, help="progress line and metrics.jsonl every N steps (default 10; demo 5)")
     g.add_argument("--max-bad-steps", type=int, help="stop after this many non-finite steps in a row (default 5)")
     g.add_argument("--text-cache", type=int, help="keep the CLIP embeddings of up to N distinct captions "
