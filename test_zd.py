@@ -1016,6 +1016,8 @@ def test_cli_inspect(tiny_file, tmp_path, capsys):
 
 # ---- zd.py train -------------------------------------------------------------------------------------------------------
 
+import signal  # noqa: E402
+
 import data  # noqa: E402
 
 # A few tiny demo steps: batch 4 of 16–32 px images, no data workers, no sample grids.
@@ -1148,7 +1150,9 @@ def test_fine_tune_a_checkpoint_starts_from_its_ema_and_writes_v_zt_files(tmp_pa
 
 
 def test_two_ranks_match_one_rank_with_twice_the_batch(tmp_path):
-    """torchrun, 2 CPU ranks (gloo) × batch 2 == 1 rank × batch 4 after 3 steps, to float tolerance."""
+    """torchrun, 2 CPU ranks (gloo) × batch 2 == 1 rank × batch 4 after 3 steps: the same losses and gradient norms at
+    every step, and the same weights to float tolerance. (Adam's first steps move a parameter by ≈ lr·sign(g)
+    whatever |g|, so parameters with float-noise gradients may differ by up to a few lr: 99.9% agree to 1e-6.)"""
     flags = ["--steps", "3", "--workers", "0", "--sample-every", "0", "--log-every", "1", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "zd.py",
@@ -1156,10 +1160,31 @@ def test_two_ranks_match_one_rank_with_twice_the_batch(tmp_path):
                    cwd=HERE, env=env, check=True, capture_output=True, timeout=300)
     subprocess.run([sys.executable, "zd.py", "train", "--out", str(tmp_path / "one"), "--batch-size", "4", *flags],
                    cwd=HERE, env=env, check=True, capture_output=True, timeout=300)
+    m_ddp = [json.loads(line) for line in open(tmp_path / "ddp" / "metrics.jsonl")]
+    m_one = [json.loads(line) for line in open(tmp_path / "one" / "metrics.jsonl")]
+    for key in ("loss", "grad_norm"):
+        assert [m[key] for m in m_ddp] == pytest.approx([m[key] for m in m_one], rel=1e-5), key
     ddp, one = _state(tmp_path / "ddp"), _state(tmp_path / "one")
+    close = total = 0
     for k in one:
-        if k.startswith(("unet.", "ema.", "opt.")):
-            torch.testing.assert_close(ddp[k], one[k], rtol=1e-4, atol=1e-6, msg=k)
-    m_ddp = [json.loads(l) for l in open(tmp_path / "ddp" / "metrics.jsonl")]
-    m_one = [json.loads(l) for l in open(tmp_path / "one" / "metrics.jsonl")]
-    assert [m["loss"] for m in m_ddp] == pytest.approx([m["loss"] for m in m_one], rel=1e-4)
+        if k.startswith(("unet.", "ema.")):
+            torch.testing.assert_close(ddp[k], one[k], rtol=0, atol=3e-4, msg=k)
+            close += ((ddp[k] - one[k]).abs() <= 1e-6).sum().item()
+            total += one[k].numel()
+    assert close / total > 0.999
+
+
+def test_sigterm_saves_and_stops_cleanly(tmp_path):
+    """SIGTERM mid-run (as a scheduler sends it): the step finishes, checkpoints and state are written, exit code 0."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "zd.py", "train", "--out", str(out), "--steps", "100000", *TINY_TRAIN],
+                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, log
+    assert "SIGTERM at step" in log and "saving and stopping" in log
+    step = json.loads((out / "train_state.json").read_text())["step"]
+    assert 1 <= step < 100000 and model.load(out / "model_ema.safetensors").meta["prediction"] == "v"

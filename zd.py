@@ -427,8 +427,8 @@ RECIPE = dict(out="runs/zd", steps=10000, batch_size=4, lr=1e-5, warmup=500, ema
                               "a plain white image", "a red apple on a wooden table"])
 # The demo trains from scratch: a larger LR, and an EMA whose horizon 1/(1 − d) = 50 steps is short next to the run
 # (at 0.9999 the EMA of a few hundred steps would still be ~98% random init). Its buckets are 16×32, 24×24 and 32×16
-# px, small enough for 200 steps of batch 32 to take about 5 minutes on two CPU cores.
-DEMO = dict(data=["demo"], out="runs/demo", steps=200, batch_size=32, lr=1e-3, warmup=20, ema_decay=0.98,
+# px, small enough for 400 steps of batch 32 to take 3–5 minutes on two (shared) CPU cores.
+DEMO = dict(data=["demo"], out="runs/demo", steps=400, batch_size=32, lr=1e-3, warmup=20, ema_decay=0.98,
             log_every=5, save_every=100, sample_every=100, text_cache=1024, sample_size=[24, 24],
             bucket_area=24 * 24, bucket_min=16, bucket_max=32, bucket_step=8,
             sample_prompts=["a plain black image", "a plain white image", "a red circle on a black background",
@@ -623,9 +623,11 @@ def train(args):
     if args.model:
         sd = model.load(args.model, vae_path=args.vae)
         if args.ema_init:
-            sd.unet.load_state_dict(model.load(args.ema_init).unet.state_dict())
-        log(f"train: {args.model}: UNet and EMA from its {'EMA' if sd.meta.get('ema') else 'raw'} weights"
-            + (f", replaced by {args.ema_init}'s" if args.ema_init else ""))
+            init = model.load(args.ema_init)
+            sd.unet.load_state_dict(init.unet.state_dict())
+            sd.meta["ema"] = init.meta["ema"]
+        source = {"ema": "model_ema.* weights", None: "weights (an EMA-only file holds the EMA)"}[sd.meta.get("ema")]
+        log(f"train: UNet and EMA start from {args.ema_init or args.model}'s {source}")
         if sd.meta.get("inpaint") and not args.inpaint:
             log("train: the checkpoint is a 9-channel inpainting UNet: training it as one (--inpaint)")
             args.inpaint = True
@@ -786,6 +788,8 @@ def train(args):
     finally:
         for sig, h in handlers.items():
             signal.signal(sig, h)
+        if world > 1:
+            torch.distributed.destroy_process_group()
     return unet, ema
 
 
@@ -926,7 +930,7 @@ def parser():
                    "(default 0.1)")
     g.add_argument("--ema-decay", type=float, help="EMA decay, constant from step 1 (default 0.9999; demo 0.98)")
     g = s.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, help="optimiser steps (default 10000; demo 200)")
+    g.add_argument("--steps", type=int, help="optimiser steps (default 10000; demo 400)")
     g.add_argument("--batch-size", type=int, help="images per rank per micro-step (default 4; demo 32)")
     g.add_argument("--grad-accum", type=int, help="micro-steps accumulated per optimiser step (default 1)")
     g.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-5; demo 1e-3)")
