@@ -1097,8 +1097,9 @@ def test_resume_is_bit_identical(tmp_path):
 
 
 def test_non_finite_loss_skips_the_step_and_stops_after_a_run(tmp_path, monkeypatch):
-    """NaN outputs from the 2nd forward on: steps 2.. are skipped (weights, moments, EMA untouched) and after
-    --max-bad-steps in a row the run stops with a message and a saved state equal to the one after step 1."""
+    """NaN outputs from the 2nd forward on: steps 2.. are skipped (weights, Adam moments and step count untouched; the
+    EMA steps toward the unchanged weights) and after --max-bad-steps in a row the run stops with a message and a
+    saved state: the one after step 1."""
     _train(tmp_path / "one", "--steps", "1")
     calls, forward = [], model.UNet.forward
 
@@ -1112,6 +1113,9 @@ def test_non_finite_loss_skips_the_step_and_stops_after_a_run(tmp_path, monkeypa
     state = json.loads(open(tmp_path / "nan" / "train_state.json").read())
     assert state["step"] == 4 and state["counters"]["skipped"] == 3
     one, nan = _state(tmp_path / "one"), _state(tmp_path / "nan")
+    ema = [one[k] for k in one if k.startswith("ema.")]
+    for _ in range(3):
+        S.ema_update(ema, [one["unet." + k[len("ema."):]] for k in one if k.startswith("ema.")], 0.98)
     for k in one:
         assert torch.equal(one[k], nan[k]), k          # opt.*.step included: still 1
 

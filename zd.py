@@ -420,6 +420,8 @@ TRAIN_DEFAULTS = dict(
     weight_decay=0.01, max_grad_norm=1.0, seed=0, save_every=None, sample_every=None, sample_prompts=None,
     sample_size=None, log_every=None, resume=False, max_bad_steps=5, text_cache=None, half=False, workers=2,
     device=None, precision="bf16", grad_checkpointing=False)
+# SPEC §1 gives no optimiser numbers: lr 1e-5 with a 500-step warm-up is a common SD1.5 fine-tuning choice, not the
+# model card's; set --lr, --batch-size and --grad-accum for your hardware.
 RECIPE = dict(out="runs/zd", steps=10000, batch_size=4, lr=1e-5, warmup=500, ema_decay=0.9999, log_every=10,
               save_every=1000, sample_every=500, text_cache=0, sample_size=[512, 512], bucket_area=512 * 512,
               bucket_min=384, bucket_max=640, bucket_step=64,
@@ -717,12 +719,13 @@ def train(args):
                 per_t.append((t, per_sample))
             norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
             # A non-finite loss or gradient skips the step without a host sync: fused AdamW leaves weights, moments and
-            # its step count alone where found_inf = 1 (GradScaler's mechanism), and the EMA's decay becomes 1.
+            # its step count alone where found_inf = 1 (GradScaler's mechanism). The EMA still takes its step, toward
+            # the unchanged weights, as it does when GradScaler skips a step in diffusers' trainers.
             bad = ~(torch.isfinite(loss_sum) & torch.isfinite(norm))
             opt.found_inf = bad.float()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            S.ema_update(ema.parameters(), unet.parameters(), 1 - (1 - args.ema_decay) * (~bad).double())
+            S.ema_update(ema.parameters(), unet.parameters(), args.ema_decay)
             step += 1
 
             run = (stats[5] + 1) * bad
