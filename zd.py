@@ -438,9 +438,9 @@ DEMO = dict(data=["demo"], out="runs/demo", steps=400, batch_size=32, lr=1e-3, w
 DEMO_UNET = dict(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(2,), context_dim=64)
 # What a resumed run may change; everything else comes from its train_state.json.
 RESUME_MAY_CHANGE = ("steps", "save_every", "sample_every", "log_every", "workers", "device", "max_bad_steps", "resume")
-TRAIN_HELP = """Fine-tune Stable Diffusion 1.5 with the ZeroDiffusion recipe (SPEC §1): v-prediction on SD1.5's schedule
-rescaled to zero terminal SNR, min-SNR-γ loss weights, input-perturbation noise, aspect buckets of ≈512², caption
-dropout to "", a constant EMA initialised from the checkpoint's EMA, CLIP and the VAE frozen; AdamW, warm-up.
+TRAIN_HELP = """Fine-tune Stable Diffusion 1.5 with the ZeroDiffusion recipe (SPEC §1): v-prediction on SD1.5's
+schedule rescaled to zero terminal SNR, min-SNR-γ loss weights, input-perturbation noise, aspect buckets of ≈512²,
+caption dropout to "", a constant EMA initialised from the checkpoint's EMA, CLIP and the VAE frozen; AdamW, warm-up.
 
     python zd.py train --model v1-5-pruned-emaonly.safetensors --data /data/laion-1024 --out runs/zd
     torchrun --nproc_per_node 8 zd.py train --model ... --data '/data/shards/*.tar' ...
@@ -465,7 +465,7 @@ def demo_model(seed=0, prediction="v", ztsnr=True, inpaint=False):
 
 
 def get_lr(step, lr, warmup, steps, schedule="constant"):
-    """Linear warm-up over `warmup` steps, then constant, or a cosine down to 0 at `steps` (Loshchilov & Hutter 2017)."""
+    """Linear warm-up over `warmup` steps, then constant, or a cosine to 0 at `steps` (Loshchilov & Hutter 2017)."""
     if step < warmup:
         return lr * (step + 1) / warmup
     if schedule == "constant":
@@ -489,8 +489,8 @@ def sample_noise(seed, micro_step, index, shape, inpaint=False):
 
 @torch.no_grad()
 def encode_pixels(sd, pixels, xi):
-    """latent = VAE_SCALE·z, z = mean + exp(logvar/2)·ξ a posterior *sample* (Rombach et al. 2022, §3; SPEC §3); the
-    frozen VAE runs in fp32. Pixel-space models (the demo) take the pixels as they are."""
+    """latent = VAE_SCALE·z, z = mean + exp(logvar/2)·ξ a posterior *sample* (Rombach et al. 2022, §3; SPEC §3);
+    the frozen VAE runs in fp32. Pixel-space models (the demo) take the pixels as they are."""
     if sd.vae is None:
         return pixels
     mean, logvar = sd.vae.encode(pixels)
@@ -532,7 +532,7 @@ def save_state(out, step, position, unet, ema, opt, counters, args):
     """What a resume needs, as safetensors (tensors) + JSON (step, data position, counters, the run's settings); never
     pickle. Optimiser state is flattened by parameter index: opt.{i}.exp_avg, opt.{i}.exp_avg_sq, opt.{i}.step.
     There is no generator state to keep: every draw of the loop comes from generators seeded by (seed, step, sample
-    index) (sample_noise here, data.sample_rng for dropout, crops and masks), so step and position are the whole of it."""
+    index) (sample_noise here, data.sample_rng for dropout, crops and masks): step and position are the whole of it."""
     tensors = {f"unet.{k}": v for k, v in unet.state_dict().items()}
     tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
     for i, s in opt.state_dict()["state"].items():
@@ -637,8 +637,8 @@ def train(args):
             sd.unet = model.expand_to_inpaint(sd.unet)
     else:
         sd = demo_model(args.seed, args.prediction, args.schedule == "zt", args.inpaint)
-        log("train: demo — a small pixel-space UNet (no VAE) trained from scratch on procedural images; a tiny frozen "
-            "CLIP with random weights encodes the captions")
+        log("train: demo — a small pixel-space UNet (no VAE) trained from scratch on procedural images; a tiny "
+            "frozen CLIP with random weights encodes the captions")
     unet = sd.unet.to(device).train().requires_grad_(True)
     unet.gradient_checkpointing = args.grad_checkpointing
     for frozen in (sd.text_encoder, sd.vae):
@@ -669,9 +669,9 @@ def train(args):
     global_batch = args.batch_size * world * args.grad_accum
     log(f"train: {sum(p.numel() for p in unet.parameters()):,} UNet parameters; {world} rank(s) on {device}; global "
         f"batch {global_batch} = {args.batch_size} per rank × {world} × {args.grad_accum} accumulated")
-    log(f"train: {args.prediction}-prediction, {args.schedule} schedule, min-SNR γ {args.min_snr_gamma:g}, IP noise γ "
-        f"{args.ip_noise_gamma:g}, caption dropout {args.caption_dropout:g}, EMA {args.ema_decay:g}, lr {args.lr:g} "
-        f"({args.warmup} warm-up steps, then {args.lr_schedule}), {args.steps} steps → {args.out}")
+    log(f"train: {args.prediction}-prediction, {args.schedule} schedule, min-SNR γ {args.min_snr_gamma:g}, "
+        f"IP noise γ {args.ip_noise_gamma:g}, caption dropout {args.caption_dropout:g}, EMA {args.ema_decay:g}, "
+        f"lr {args.lr:g} ({args.warmup} warm-up steps, then {args.lr_schedule}), {args.steps} steps → {args.out}")
 
     # SIGINT/SIGTERM ask the loop to stop after the current step and save. With several ranks they must agree on that
     # step, which costs a sync: they agree at log steps.
@@ -747,10 +747,10 @@ def train(args):
                     s[:6] /= world       # the same on every rank but the loss, whose rank mean is the global mean
                 s = s.tolist()
                 counters["skipped"] += int(s[3])
-                dt, n = time.time() - t0, step - last_step
+                dt, n, w = time.time() - t0, step - last_step, S.T // T_BINS
                 metrics = dict(step=step, loss=s[0] / max(s[2], 1), lr=lr, grad_norm=s[1] / max(s[2], 1),
                                skipped=counters["skipped"], it_s=n / dt, samples_s=n * global_batch / dt,
-                               loss_by_t={f"{S.T // T_BINS * b}-{S.T // T_BINS * (b + 1) - 1}": s[6 + b] / s[6 + T_BINS + b]
+                               loss_by_t={f"{w * b}-{w * (b + 1) - 1}": s[6 + b] / s[6 + T_BINS + b]
                                           for b in range(T_BINS) if s[6 + T_BINS + b]})
                 eta = int((args.steps - step) / max(metrics["it_s"], 1e-9))
                 if rank == 0:
@@ -812,7 +812,8 @@ def demo(args):
         sd = model.load(os.path.join(out, "model_ema.safetensors"))
         means = [generate(sd, [p] * args.n, steps=25, seed=args.seed, width=24, height=24, prediction=prediction,
                           zero_terminal_snr=schedule == "zt", progress=False).float().mean().item() for p in prompts]
-        rows.append((f"{'zero terminal SNR' if schedule == 'zt' else 'SD1.5'} schedule, {prediction}-prediction", means))
+        label = "zero terminal SNR" if schedule == "zt" else "SD1.5"
+        rows.append((f"{label} schedule, {prediction}-prediction", means))
     print(f"\nmean pixel value (0–255) of {args.n} EMA samples each, 25 trailing DDIM steps, CFG 7.5, rescale 0.7:")
     print(f"{'':40s}" + "".join(f"{repr(p):>24s}" for p in prompts))
     print(f"{'training images':40s}{0:24.1f}{255:24.1f}")
@@ -901,17 +902,17 @@ def parser():
     s.set_defaults(func=sample)
 
 
-    s = sub.add_parser("train", help="fine-tune SD1.5 with the ZeroDiffusion recipe (no arguments: a 5-minute CPU demo)",
+    s = sub.add_parser("train", help="fine-tune SD1.5 with the ZeroDiffusion recipe (no arguments: a CPU demo)",
                        description=TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = s.add_argument_group("model and data")
-    g.add_argument("--model", help="SD1.5 checkpoint to fine-tune (single file, full or EMA-only, or a diffusers folder); "
-                   "the UNet and the EMA start from its EMA weights. Without it: the demo")
+    g.add_argument("--model", help="SD1.5 checkpoint to fine-tune (single file, full or EMA-only, or a diffusers "
+                   "folder); the UNet and the EMA start from its EMA weights. Without it: the demo")
     g.add_argument("--vae", help="a separate VAE file for the checkpoint")
     g.add_argument("--ema-init", metavar="PATH", help="take the initial UNet/EMA weights from this file instead")
     g.add_argument("--data", action="append", metavar="SRC", help="image folder, tar shard path or glob, or 'demo'; "
                    "repeatable (demo default: demo)")
     g.add_argument("--out", help="output folder (default runs/zd; demo runs/demo)")
-    g.add_argument("--min-side", type=int, help="keep images whose original shortest side is at least this (default 1024)")
+    g.add_argument("--min-side", type=int, help="keep images whose original shortest side is ≥ this (default 1024)")
     g.add_argument("--bucket-area", type=int, help="bucket area in pixels (default 512·512; demo 24·24)")
     g.add_argument("--bucket-min", type=int, help="shortest bucket side (default 384; demo 16)")
     g.add_argument("--bucket-max", type=int, help="longest bucket side (default 640; demo 32)")
@@ -957,7 +958,8 @@ def parser():
     g.add_argument("--max-bad-steps", type=int, help="stop after this many non-finite steps in a row (default 5)")
     g.add_argument("--text-cache", type=int, help="keep the CLIP embeddings of up to N distinct captions "
                    "(default 0; demo 1024)")
-    g.add_argument("--half", action="store_true", default=None, help="write fp16 checkpoints (the train state stays fp32)")
+    g.add_argument("--half", action="store_true", default=None,
+                   help="write fp16 checkpoints (the train state stays fp32)")
     g = s.add_argument_group("hardware")
     g.add_argument("--device", help="cuda, cuda:1, cpu (default: the rank's GPU if there is one)")
     g.add_argument("--precision", choices=("bf16", "fp32"), help="UNet autocast on GPUs (default bf16; CPUs fp32)")
@@ -965,7 +967,7 @@ def parser():
                    help="recompute activations in the backward pass: less memory, ~30%% slower")
     s.set_defaults(func=train)
 
-    s = sub.add_parser("demo", help="train the demo with the ZT/v recipe and with SD1.5's schedule/ε, compare black/white",
+    s = sub.add_parser("demo", help="train the demo with ZT/v and with SD1.5's schedule/ε; compare black and white",
                        description=demo.__doc__)
     s.add_argument("--out", default="runs", help="parent folder: OUT/demo and OUT/demo-sd15-eps (default runs)")
     s.add_argument("--steps", type=int, default=DEMO["steps"], help=f"training steps of each (default {DEMO['steps']})")
