@@ -1192,3 +1192,13 @@ def test_sigterm_saves_and_stops_cleanly(tmp_path):
     assert "SIGTERM at step" in log and "saving and stopping" in log
     step = json.loads((out / "train_state.json").read_text())["step"]
     assert 1 <= step < 100000 and model.load(out / "model_ema.safetensors").meta["prediction"] == "v"
+
+
+def test_demo_command_prints_the_brightness_table(tmp_path, capsys):
+    """`zd.py demo` (two short trainings here) prints a row per model with a mean for each prompt."""
+    rows = zd.demo(zd.parser().parse_args(["demo", "--out", str(tmp_path), "--steps", "2", "--n", "2"]))
+    assert [label for label, _ in rows] == ["zero terminal SNR schedule, v-prediction",
+                                            "SD1.5 schedule, eps-prediction"]
+    assert all(len(means) == 2 and all(0 <= m <= 255 for m in means) for _, means in rows)
+    assert "SD1.5 schedule, eps-prediction" in capsys.readouterr().out
+    assert model.load(tmp_path / "demo-sd15-eps" / "model_ema.safetensors").meta["prediction"] == "eps"

@@ -487,6 +487,13 @@ def sample_noise(seed, micro_step, index, shape, inpaint=False):
     return torch.stack(t), draws[:, 0], draws[:, 1], draws[:, 2], draws[:, 3] if inpaint else None
 
 
+def to_device(x, device):
+    """A CPU tensor on the device without a host sync: a copy from pageable memory waits for the GPU, from pinned not."""
+    if device.type == "cuda" and not x.is_pinned():
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)
+
+
 @torch.no_grad()
 def encode_pixels(sd, pixels, xi):
     """latent = VAE_SCALE·z, z = mean + exp(logvar/2)·ξ a posterior *sample* (Rombach et al. 2022, §3; SPEC §3);
@@ -504,12 +511,12 @@ def encode_captions(sd, captions, cache, limit):
     appeared in (which keeps resumed runs bit-identical)."""
     device = next(sd.text_encoder.parameters()).device
     if not limit:
-        return sd.text_encoder(sd.tokenizer(captions).to(device))
+        return sd.text_encoder(to_device(sd.tokenizer(captions), device))
     rows = []
     for c in captions:
         e = cache.get(c)
         if e is None:
-            e = sd.text_encoder(sd.tokenizer([c]).to(device))[0]
+            e = sd.text_encoder(to_device(sd.tokenizer([c]), device))[0]
             if len(cache) < limit:
                 cache[c] = e
         rows.append(e)
@@ -647,7 +654,9 @@ def train(args):
     if cuda:
         unet.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(unet).eval()
-    net = torch.nn.parallel.DistributedDataParallel(unet) if world > 1 else unet
+    net = unet
+    if world > 1:  # gradients averaged over ranks in backward (DDP); `unet` stays the module we step, save and EMA
+        net = torch.nn.parallel.DistributedDataParallel(unet, device_ids=[device.index] if cuda else None)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
 
     # ---- fresh, or the saved run's weights, EMA, optimiser, step and data position
@@ -656,6 +665,9 @@ def train(args):
         state = load_state(args.out, unet, ema, opt)
         step, position, counters = state["step"], state["position"], state["counters"]
         log(f"train: resumed {args.out} at step {step}, data position {position + 1}")
+    elif rank == 0 and os.path.exists(os.path.join(args.out, "train_state.json")):
+        log(f"train: {args.out} holds an earlier run: starting over (--resume continues it)")
+        Path(args.out, "metrics.jsonl").unlink(missing_ok=True)
 
     abar = S.alphas_cumprod(S.betas(args.schedule == "zt")).to(device)   # float64, never fp16 (SPEC §7.8)
     snr = S.snr(abar)                                                    # of the *rescaled* schedule (SPEC §7.1)
@@ -692,10 +704,10 @@ def train(args):
             for micro in range(args.grad_accum):
                 batch = next(batches)
                 position = batch["position"]
-                pixels = batch["pixels"].to(device, non_blocking=True)
+                pixels = to_device(batch["pixels"], device)
                 H, W = pixels.shape[-2:]
                 shape = (3, H, W) if sd.vae is None else (4, H // 8, W // 8)
-                t, noise, ip_noise, xi, xi_masked = (None if a is None else a.to(device, non_blocking=True) for a in
+                t, noise, ip_noise, xi, xi_masked = (None if a is None else to_device(a, device) for a in
                                                      sample_noise(args.seed, step * args.grad_accum + micro,
                                                                   batch["index"], shape, args.inpaint))
                 x0 = encode_pixels(sd, pixels, xi)
@@ -705,9 +717,8 @@ def train(args):
                 weight = (S.min_snr_weight(snr[t], args.min_snr_gamma, args.prediction) if args.min_snr_gamma
                           else torch.ones_like(snr[t])).float()
                 if args.inpaint:  # [x_t, mask, masked-image latent] (SPEC §3), the mask nearest-downsampled
-                    mask = F.interpolate(batch["mask"].to(device, non_blocking=True), size=x_t.shape[-2:],
-                                         mode="nearest")
-                    masked = encode_pixels(sd, batch["masked_pixels"].to(device, non_blocking=True), xi_masked)
+                    mask = F.interpolate(to_device(batch["mask"], device), size=x_t.shape[-2:], mode="nearest")
+                    masked = encode_pixels(sd, to_device(batch["masked_pixels"], device), xi_masked)
                     x_t = torch.cat([x_t, mask, masked], dim=1)
                 if cuda:
                     x_t = x_t.contiguous(memory_format=torch.channels_last)
