@@ -15,19 +15,20 @@ import re
 import struct
 import unicodedata
 from dataclasses import asdict, dataclass, field, replace
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as BPETokenizer
 from torch.utils.checkpoint import checkpoint
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
-VAE_SCALE = 0.18215  # latent = VAE_SCALE · z   (Rombach et al. 2022, §4.3 / v1 config scale_factor)
+VAE_SCALE = 0.18215  # latent = VAE_SCALE · z, ≈ unit variance (scale_factor of SD's v1-inference.yaml)
 VOCAB = Path(__file__).parent / "clip" / "bpe_simple_vocab_16e6.txt.gz"
 BOS, EOS = 49406, 49407  # <|startoftext|>, <|endoftext|>; SD1.5 pads with EOS, not 0
 
@@ -474,10 +475,8 @@ class Tokenizer:
     """tokenizer(prompts) → LongTensor [B, 77]: BOS, the first 75 BPE tokens, EOS, padded with EOS (SD1.5)."""
 
     def __init__(self, vocab, merges, length=77):
-        from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
-        from tokenizers import Tokenizer as HFTokenizer
         self.length = length
-        self.bpe = HFTokenizer(models.BPE(vocab, merges, end_of_word_suffix="</w>", continuing_subword_prefix="",
+        self.bpe = BPETokenizer(models.BPE(vocab, merges, end_of_word_suffix="</w>", continuing_subword_prefix="",
                                           unk_token="<|endoftext|>"))
         self.bpe.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
                                                     normalizers.Strip(), normalizers.Lowercase()])
@@ -544,20 +543,20 @@ def unet_from_diffusers(sd):
         for old, new in UNET_TOP_NAMES.items():
             if k.startswith(old + "."):
                 return new + k[len(old):]
+        if m := re.match(r"mid_block\.resnets\.(\d+)\.(.*)", k):
+            return f"middle_block.{2 * int(m[1])}.{resnet(m[2])}"
+        if m := re.match(r"mid_block\.attentions\.0\.(.*)", k):
+            return f"middle_block.1.{m[1]}"
+        if m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", k):
+            return f"input_blocks.{(n + 1) * int(m[1]) + n + 1}.0.op.{m[2]}"
+        if m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)", k):
+            i = int(m[1])
+            return f"output_blocks.{(n + 1) * i + n}.{2 if i in up_attn else 1}.conv.{m[2]}"
         if m := re.match(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", k):
-            side, i, kind, j, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5)
-            block = f"input_blocks.{(n + 1) * i + j + 1}" if side == "down" else f"output_blocks.{(n + 1) * i + j}"
-        elif m := re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.*)", k):
-            kind, j, rest = m.group(1), int(m.group(2)), m.group(3)
-            return f"middle_block.{2 * j if kind == 'resnets' else 1}.{resnet(rest) if kind == 'resnets' else rest}"
-        elif m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", k):
-            return f"input_blocks.{(n + 1) * int(m.group(1)) + n + 1}.0.op.{m.group(2)}"
-        elif m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)", k):
-            i = int(m.group(1))
-            return f"output_blocks.{(n + 1) * i + n}.{2 if i in up_attn else 1}.conv.{m.group(2)}"
-        else:
-            return k
-        return f"{block}.0.{resnet(rest)}" if kind == "resnets" else f"{block}.1.{rest}"
+            i, j = int(m[2]), int(m[4])
+            block = f"input_blocks.{(n + 1) * i + j + 1}" if m[1] == "down" else f"output_blocks.{(n + 1) * i + j}"
+            return f"{block}.0.{resnet(m[5])}" if m[3] == "resnets" else f"{block}.1.{m[5]}"
+        return k  # unknown: left as is, so it is reported as ignored
 
     def resnet(rest):
         first, _, tail = rest.partition(".")
