@@ -49,7 +49,8 @@ MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # PIL's own bomb threshold (≈89 Mpx): lar
 DEMO_BUCKETS = dict(bucket_area=32 * 32, bucket_min=24, bucket_max=40, bucket_step=8)  # → 24×40, 32×32, 40×24
 WARN_LIMIT = 20  # bad files named one by one; past this they are only counted (Loader.stats)
 
-# One image to load: `src` is a path (folder), the encoded bytes (shard) or ("demo", seed, i); (w, h) is the upright size.
+# One image to load: `src` is a path (folder), the encoded bytes (shard) or ("demo", seed, i);
+# (w, h) is its upright size.
 Item = namedtuple("Item", "name src caption w h")
 
 
@@ -123,7 +124,7 @@ def to_rgb(img):
     if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
         white = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, img.convert("RGBA"))
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")  # convert() would copy even an RGB image
 
 
 def load_image(src, size, u=0.5, v=0.5):
@@ -140,7 +141,8 @@ def load_image(src, size, u=0.5, v=0.5):
         scale = max(bw / w, bh / h)
         if img.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 in the DCT domain, never below the size needed
             img.draft("RGB", (math.ceil(img.width * scale), math.ceil(img.height * scale)))
-        img = to_rgb(ImageOps.exif_transpose(img))
+        ImageOps.exif_transpose(img, in_place=True)
+        img = to_rgb(img)
         w, h = img.size
         scale = max(bw / w, bh / h)
         cw, ch = bw / scale, bh / scale
@@ -152,7 +154,7 @@ def load_image(src, size, u=0.5, v=0.5):
 
 def decode_caption(raw):
     """Caption text from bytes: a BOM picks UTF-8 or UTF-16; else UTF-8, falling back to Latin-1 (which never fails).
-    Long captions are kept whole: the tokenizer truncates to 77 tokens."""
+    Whitespace runs become one space. Long captions are kept whole: the tokenizer truncates to 77 tokens."""
     if raw.startswith(b"\xef\xbb\xbf"):
         text = raw[3:].decode("utf-8", errors="replace")
     elif raw.startswith((b"\xff\xfe", b"\xfe\xff")):
@@ -165,8 +167,18 @@ def decode_caption(raw):
     return " ".join(text.replace("\x00", "").split())
 
 
+def _parse_json(raw):
+    """A sidecar json as a dict; {} when it is unreadable (it only adds a caption or the original size)."""
+    try:
+        meta = json.loads(decode_caption(raw))
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def _json_caption(meta):
-    return meta.get("caption") or meta.get("text") or ""
+    caption = meta.get("caption") or meta.get("text") or ""
+    return " ".join(str(caption).split())
 
 
 def _original_size(meta, w, h):
@@ -232,23 +244,16 @@ def _read_caption(stem, stats):
         if os.path.exists(stem + ext):
             with open(stem + ext, "rb") as f:
                 return decode_caption(f.read())
-    meta = _read_json(stem + ".json")
-    if _json_caption(meta):
-        return decode_caption(_json_caption(meta).encode())
-    stats["missing_captions"] += 1
-    return ""
+    caption = _json_caption(_read_json(stem + ".json"))
+    stats["missing_captions"] += not caption
+    return caption
 
 
 def _read_json(path):
-    """The sidecar json as a dict; {} when it is absent or unreadable (it only adds a caption or original size)."""
     if not os.path.exists(path):
         return {}
-    try:
-        with open(path, "rb") as f:
-            meta = json.loads(decode_caption(f.read()))
-        return meta if isinstance(meta, dict) else {}
-    except ValueError:
-        return {}
+    with open(path, "rb") as f:
+        return _parse_json(f.read())
 
 
 def scan_folder(root, min_side, stats, warn):
@@ -260,7 +265,8 @@ def scan_folder(root, min_side, stats, warn):
     for path in paths:
         stem = os.path.splitext(path)[0]
         try:
-            w, h = upright_size(open_image(path))
+            with open_image(path) as img:  # millions of headers: close each file now, not when collected
+                w, h = upright_size(img)
         except BadImage as e:
             warn(path, e)
             continue
@@ -272,7 +278,7 @@ def scan_folder(root, min_side, stats, warn):
     return out
 
 
-def read_shard(path, stats, warn):
+def read_shard(path, warn):
     """Yield (key, {ext: bytes}) for each complete sample of a tar shard, read as a stream. WebDataset convention:
     a sample's files are consecutive and share the key (the name up to the first dot of the basename). A shard cut
     off mid-member keeps the samples before the cut; the sample being read is counted as bad."""
@@ -433,7 +439,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         """(global index, Item) of the samples this reader keeps in this epoch; headers read, pixels not decoded."""
         shards, stride = self.assignment(epoch, slot, slots)
         for s, path in shards:
-            for n, (key, files) in enumerate(read_shard(path, stats, warn)):
+            for n, (key, files) in enumerate(read_shard(path, warn)):
                 if stride and n % slots != slot:
                     continue
                 name = f"{path}:{key}"
@@ -441,13 +447,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 if ext is None:
                     warn(name, BadImage("no image in sample"))
                     continue
-                meta = {}
-                if "json" in files:
-                    try:
-                        meta = json.loads(decode_caption(files["json"]))
-                    except ValueError:
-                        pass
-                    meta = meta if isinstance(meta, dict) else {}
+                meta = _parse_json(files["json"]) if "json" in files else {}
                 try:
                     w, h = upright_size(open_image(files[ext]))
                 except BadImage as e:
@@ -459,17 +459,19 @@ class ShardStream(torch.utils.data.IterableDataset):
                 if "txt" in files:
                     caption = decode_caption(files["txt"])
                 else:
-                    caption = decode_caption(_json_caption(meta).encode())
+                    caption = _json_caption(meta)
                     stats["missing_captions"] += not caption
                 stats["kept"] += 1
                 yield (s << 32) + n, Item(name, files[ext], caption, w, h)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        workers = info.num_workers if info else 1
+        # The DataLoader takes batches from its workers in turn, starting with worker 0. Reader w emits rank-local
+        # positions w, w + workers, w + 2·workers, ...; so that the stream resumed at `start` comes out in order,
+        # DataLoader worker 0 plays reader start mod workers. The reader skips its positions before `start`.
+        worker = ((info.id if info else 0) + self.start) % workers
         slot, slots = self.rank * workers + worker, self.world * workers
-        # The DataLoader takes batches from its workers in turn, so rank-local position p comes from worker p mod
-        # workers: this worker's k-th batch is position worker + k·workers, and it skips those before self.start.
         skip = max(0, -(-(self.start - worker) // workers))
         stats, bad, emitted = Counter(), [], 0
         buffers = {bkt: [] for bkt in self.buckets}
@@ -507,8 +509,8 @@ class Loader:
       (global sample index); epoch, position (ints; resume with start = position + 1); with inpaint=True also
       mask [B, 1, H, W] in {0, 1} (1 = repaint) and masked_pixels [B, 3, H, W].
     sources: folder paths, shard paths/globs (*.tar), "demo" or DemoSource objects; folders and demo mix, shards
-    stand alone. stats counts kept, dropped_small, missing_captions, bad_files by reason and
-    dropped_incomplete_per_epoch."""
+    stand alone. stats counts kept, dropped_small, missing_captions, bad_files (a Counter by reason) and, for folders,
+    dropped_incomplete_per_epoch; batches_per_epoch is the epoch length in global batches (None for shards)."""
 
     def __init__(self, sources, batch_size, *, seed=0, rank=0, world_size=1, workers=2, min_side=1024,
                  bucket_area=512 * 512, bucket_min=384, bucket_max=640, bucket_step=64, caption_dropout=0.1,
@@ -543,7 +545,8 @@ class Loader:
             else:
                 if not os.path.isdir(s):
                     raise FileNotFoundError(f"no such folder: {s}")
-                items += scan_folder(s, min_side, self.stats, self._warn)
+                # every rank scans the same folder: only rank 0 names its bad files
+                items += scan_folder(s, min_side, self.stats, lambda name, e: self._warn(name, e, self.rank == 0))
         bucket_of = [bucket_for(it.w, it.h, self.buckets) for it in items]
         self.dataset = PlannedBatches(items, bucket_of, batch_size, rank, world_size, self.opts)
         self.batches_per_epoch = len(self.dataset)
@@ -564,11 +567,11 @@ class Loader:
         if self.rank == 0:
             print(f"data: {msg}", flush=True)
 
-    def _warn(self, name, e):
+    def _warn(self, name, e, say=True):
         self.stats["bad_files"][e.reason] += 1
-        if len(self._warned) < WARN_LIMIT:
+        if say and len(self._warned) < WARN_LIMIT:
             print(f"data: warning: skipped {name}: {e}", flush=True)
-        elif len(self._warned) == WARN_LIMIT:
+        elif say and len(self._warned) == WARN_LIMIT:
             print("data: warning: further bad files are counted in Loader.stats without a line each", flush=True)
         self._warned.add(name)
 
@@ -592,6 +595,21 @@ class Loader:
                 print(f"data: warning: batch {batch['position']} had no decodable image and was skipped", flush=True)
                 continue
             yield batch
+
+
+def write_bench_jpegs(folder, n=200, seed=0):
+    """n photo-like JPEGs (smooth colour fields plus grain, quality 90) with sides 1024–1536, the input of
+    measure_throughput. Pure noise would be the wrong test: it compresses and decodes unlike photographs."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        w, h = (int(s) for s in rng.integers(1024, 1537, 2))
+        field = Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+        grain = rng.normal(0, 8, (h, w, 3))
+        img = Image.fromarray(np.clip(np.asarray(field) + grain, 0, 255).astype(np.uint8))
+        img.save(os.path.join(folder, f"{i:05d}.jpg"), quality=90)
+        with open(os.path.join(folder, f"{i:05d}.txt"), "w") as f:
+            f.write(f"benchmark image {i}")
 
 
 def measure_throughput(folder, workers=2, n=200, batch_size=8, min_side=1024):

@@ -1202,3 +1202,346 @@ def test_demo_command_prints_the_brightness_table(tmp_path, capsys):
     assert all(len(means) == 2 and all(0 <= m <= 255 for m in means) for _, means in rows)
     assert "SD1.5 schedule, eps-prediction" in capsys.readouterr().out
     assert model.load(tmp_path / "demo-sd15-eps" / "model_ema.safetensors").meta["prediction"] == "eps"
+
+
+# ---- data.py: sources, buckets, crops, dropout, masks ----
+
+import io  # noqa: E402
+import json  # noqa: E402
+import struct  # noqa: E402
+import tarfile  # noqa: E402
+import zlib  # noqa: E402
+from collections import Counter  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import data  # noqa: E402
+
+TINY = data.DEMO_BUCKETS  # 24×40, 32×32, 40×24: small enough that a test decodes thousands of images in seconds
+
+
+def _data_png(size=(8, 8), colour=(200, 30, 30)):
+    b = io.BytesIO()
+    Image.new("RGB", size, colour).save(b, "PNG")
+    return b.getvalue()
+
+
+def _data_noise_jpeg(size, seed=0):
+    b = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(
+        b, "JPEG", quality=90)
+    return b.getvalue()
+
+
+def _data_shard(path, samples):
+    """A tar shard in img2dataset layout: samples = [(key, {ext: bytes})]."""
+    with tarfile.open(path, "w") as tar:
+        for key, files in samples:
+            for ext, raw in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(raw)
+                tar.addfile(info, io.BytesIO(raw))
+    return str(path)
+
+
+def _data_take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def test_buckets_are_the_five_zd_buckets():
+    assert data.buckets() == [(384, 640), (448, 576), (512, 512), (576, 448), (640, 384)]
+    assert len(data.buckets(**{"area": 32 * 32, "min_side": 24, "max_side": 40, "step": 8})) == 3  # the demo's
+
+
+@pytest.mark.parametrize("w, h, bucket", [
+    (1024, 1024, (512, 512)), (1130, 1000, (512, 512)), (1140, 1000, (576, 448)),  # log boundary: ratio 1.134
+    (1280, 1024, (576, 448)), (1024, 1280, (448, 576)), (1920, 1080, (640, 384)), (1080, 1920, (384, 640)),
+    (1500, 1000, (640, 384)), (1000, 1500, (384, 640)), (3000, 1000, (640, 384)), (1000, 3000, (384, 640)),
+    (1200, 1000, (576, 448)), (1000, 1200, (448, 576)), (1, 1, (512, 512)), (20000, 10, (640, 384))])
+def test_bucket_for_table_and_transpose_symmetry(w, h, bucket):
+    bkts = data.buckets()
+    assert data.bucket_for(w, h, bkts) == bucket
+    assert data.bucket_for(h, w, bkts) == bucket[::-1]
+
+
+def test_linear_aspect_metric_would_not_be_transpose_symmetric():
+    """SPEC §6's counterexample, as the reason for the log metric: |w/h − bw/bh| sends 1140×1000 to 512×512 but
+    1000×1140 to 448×576."""
+    def linear(w, h):
+        return min(data.buckets(), key=lambda b: abs(w / h - b[0] / b[1]))
+    assert linear(1140, 1000) == (512, 512) and linear(1000, 1140) == (448, 576)
+    assert data.bucket_for(1140, 1000, data.buckets()) == data.bucket_for(1000, 1140, data.buckets())[::-1]
+
+
+@pytest.mark.parametrize("w, h", [(1, 1), (20000, 10), (10, 20000), (1537, 1024), (700, 1300), (64, 64)])
+def test_crops_keep_the_bucket_size_exactly(w, h):
+    src = io.BytesIO()
+    Image.new("RGB", (w, h), (10, 200, 30)).save(src, "PNG")
+    size = data.bucket_for(w, h, data.buckets())
+    for u, v in [(0.5, 0.5), (0.0, 1.0), (0.999, 0.001)]:
+        img = data.load_image(src.getvalue(), size, u, v)
+        assert img.size == size and img.mode == "RGB"
+        assert np.abs(np.asarray(img, dtype=int) - (10, 200, 30)).max() <= 1
+
+
+def test_crop_offset_selects_the_right_part():
+    half = Image.new("RGB", (200, 100), (255, 0, 0))
+    half.paste((0, 0, 255), (100, 0, 200, 100))  # left red, right blue; square bucket sees one half or the middle
+    raw = io.BytesIO()
+    half.save(raw, "PNG")
+    left, right = (data.load_image(raw.getvalue(), (32, 32), u, 0.5) for u in (0.0, 1.0))
+    # Lanczos reads a few pixels beyond the crop box, so the column next to the cut may ring
+    assert np.asarray(left)[:, :-2, 0].min() > 250 and np.asarray(right)[:, 2:, 2].min() > 250
+
+
+def test_demo_source_black_and_white_are_common_and_exact():
+    items = data.DemoSource(n=400, seed=1).items()
+    captions = Counter(it.caption for it in items)
+    assert captions["a plain black image"] > 80 and captions["a plain white image"] > 80
+    assert len({data.bucket_for(it.w, it.h, data.buckets(32 * 32, 24, 40, 8)) for it in items}) == 3
+    loader = data.Loader([data.DemoSource(n=400, seed=1)], 16, workers=0, caption_dropout=0.0, **TINY)
+    batch = next(loader.batches())
+    for px, cap in zip(batch["pixels"], batch["captions"]):
+        if cap == "a plain black image":
+            assert (px == -1).all()
+        if cap == "a plain white image":
+            assert (px == 1).all()
+
+
+def test_caption_dropout_rate_and_visibility():
+    loader = data.Loader([data.DemoSource(n=3000)], 50, workers=0, caption_dropout=0.1, **TINY)
+    dropped = total = 0
+    for batch in _data_take(loader.batches(), loader.batches_per_epoch):
+        d = batch["dropped"]
+        assert all((c == "") == bool(x) for c, x in zip(batch["captions"], d))  # no demo caption is empty
+        dropped, total = dropped + int(d.sum()), total + len(d)
+    assert abs(dropped / total - 0.1) < 0.015  # binomial sd ≈ 0.0055 at n ≈ 3000
+
+
+def test_batches_are_one_bucket_reproducible_and_seeded():
+    def first(seed):
+        loader = data.Loader([data.DemoSource(n=300)], 8, seed=seed, workers=0, **TINY)
+        return _data_take(loader.batches(), 5)
+    a, b, c = first(0), first(0), first(1)
+    for x, y in zip(a, b):
+        assert torch.equal(x["index"], y["index"]) and torch.equal(x["pixels"], y["pixels"])
+        assert x["captions"] == y["captions"]
+    assert any(not torch.equal(x["index"], z["index"]) for x, z in zip(a, c))
+
+
+def test_global_batch_does_not_depend_on_world_size():
+    src = data.DemoSource(n=300)
+    kw = dict(seed=3, workers=0, flip=True, random_crop=True, inpaint=True, **TINY)
+    one = _data_take(data.Loader([src], 8, **kw).batches(), 6)
+    two = [_data_take(data.Loader([src], 4, rank=r, world_size=2, **kw).batches(), 6) for r in (0, 1)]
+    for k, whole in enumerate(one):
+        for key in ("index", "pixels", "dropped", "mask", "masked_pixels"):
+            assert torch.equal(whole[key], torch.cat([two[0][k][key], two[1][k][key]])), key
+        assert whole["captions"] == two[0][k]["captions"] + two[1][k]["captions"]
+
+
+def test_epoch_drops_incomplete_batches_and_sees_each_image_once():
+    loader = data.Loader([data.DemoSource(n=300)], 8, workers=0, **TINY)
+    epoch = _data_take(loader.batches(), loader.batches_per_epoch)
+    seen = torch.cat([b["index"] for b in epoch]).tolist()
+    assert len(seen) == len(set(seen)) == 300 - loader.stats["dropped_incomplete_per_epoch"]
+    assert {b["epoch"] for b in epoch} == {0} and [b["position"] for b in epoch] == list(range(len(epoch)))
+    assert next(loader.batches(start=len(epoch)))["epoch"] == 1
+
+
+def test_resume_skips_without_decoding(monkeypatch):
+    loader = data.Loader([data.DemoSource(n=300)], 8, workers=0, **TINY)
+    reference = _data_take(loader.batches(), 40)[37]
+    calls = []
+    decode = data.load_image
+    monkeypatch.setattr(data, "load_image", lambda *a: calls.append(1) or decode(*a))
+    resumed = next(loader.batches(start=37))
+    assert len(calls) == 8 and resumed["position"] == 37
+    assert torch.equal(resumed["pixels"], reference["pixels"]) and resumed["captions"] == reference["captions"]
+
+
+def test_two_workers_give_the_same_batches_as_none():
+    src = data.DemoSource(n=200)
+    a = _data_take(data.Loader([src], 8, workers=0, **TINY).batches(start=5), 6)
+    b = _data_take(data.Loader([src], 8, workers=2, **TINY).batches(start=5), 6)
+    assert all(torch.equal(x["pixels"], y["pixels"]) and x["position"] == y["position"] for x, y in zip(a, b))
+
+
+def test_inpaint_masks():
+    loader = data.Loader([data.DemoSource(n=200)], 8, workers=0, inpaint=True, **TINY)
+    batch = next(loader.batches())
+    B, _, H, W = batch["pixels"].shape
+    assert batch["mask"].shape == (B, 1, H, W) and set(batch["mask"].unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(batch["masked_pixels"], batch["pixels"] * (batch["mask"] < 0.5))
+    masks = [data.inpaint_mask(64, 48, np.random.default_rng(i)) for i in range(400)]
+    full = sum(bool(m.all()) for m in masks) / len(masks)
+    assert abs(full - 0.25) < 0.07 and all(m.shape == (1, 48, 64) for m in masks)
+    partial = [m.mean().item() for m in masks if not m.all()]
+    assert 0 < min(partial) and max(partial) < 1  # strokes and boxes: some, never all, of the image
+
+
+# Robustness: files the tests write themselves.
+
+def _data_bomb_png(w, h):
+    """A valid 1×1 PNG whose header claims w×h: PIL must refuse it from the header, before decoding."""
+    raw = bytearray(_data_png((1, 1)))
+    raw[16:24] = struct.pack(">II", w, h)
+    raw[29:33] = struct.pack(">I", zlib.crc32(bytes(raw[12:29])))
+    return bytes(raw)
+
+
+def _data_write_odd_files(folder):
+    """One file per hazard of issue 4, each named by the hazard; returns the expected bad reasons."""
+    folder.mkdir(exist_ok=True)
+    (folder / "truncated.jpg").write_bytes(_data_noise_jpeg((64, 64))[:700])
+    (folder / "zero.jpg").write_bytes(b"")
+    (folder / "notimage.png").write_bytes(b"<html>404 not found</html>")
+    (folder / "bomb.png").write_bytes(_data_bomb_png(30000, 30000))
+    (folder / "bomb2.png").write_bytes(_data_bomb_png(10000, 10000))  # over MAX_PIXELS, under PIL's hard error
+    (folder / "good.png").write_bytes(_data_png((40, 40)))
+    (folder / "tiny.png").write_bytes(_data_png((1, 1)))
+    (folder / "long.png").write_bytes(_data_png((20000, 10)))
+    return {"corrupt": 1, "empty file": 1, "not an image": 1, "decompression bomb": 2}
+
+
+def test_bad_files_are_skipped_counted_and_the_run_goes_on(tmp_path, capsys):
+    expected = _data_write_odd_files(tmp_path / "odd")
+    loader = data.Loader([str(tmp_path / "odd")], 1, workers=0, min_side=1, **TINY)
+    out = capsys.readouterr().out
+    assert "bomb.png" in out and "zero.jpg" in out and "notimage.png" in out
+    # the truncated JPEG passes the header check: it fails at decode, inside a batch, and is counted then
+    assert loader.batches_per_epoch == 4  # truncated, good, tiny, long
+    batches = _data_take(loader.batches(), 8)  # two epochs: the bad file is counted and named once
+    assert all(b["pixels"].shape[0] == 1 for b in batches)
+    assert dict(loader.stats["bad_files"]) == expected
+    # with batch size 1 the truncated file's batch has nothing to stand in for it: skipped, and said so each time
+    positions = [b["position"] for b in batches]
+    skipped = sorted(set(range(positions[-1])) - set(positions))
+    out = capsys.readouterr().out
+    assert out.count("truncated.jpg") == 1 and out.count("no decodable image") == len(skipped) >= 2
+
+
+def test_undecodable_file_is_replaced_in_its_batch(tmp_path):
+    _data_write_odd_files(tmp_path / "odd")
+    loader = data.Loader([str(tmp_path / "odd")], 4, workers=0, min_side=1, bucket_area=32 * 32, bucket_min=32,
+                         bucket_max=32, bucket_step=8)  # one bucket: all four decodable-by-header files in a batch
+    batch = next(loader.batches())
+    assert batch["pixels"].shape[0] == 4 and len(set(batch["index"].tolist())) == 3
+    assert loader.stats["bad_files"]["corrupt"] == 1
+
+
+def test_min_side_filter_uses_original_size_from_json(tmp_path):
+    (tmp_path / "small.png").write_bytes(_data_png((300, 200)))
+    (tmp_path / "resized.png").write_bytes(_data_png((300, 200)))  # img2dataset-style copy of a 1536×1024 original
+    (tmp_path / "resized.json").write_text(json.dumps({"original_width": 1536, "original_height": 1024}))
+    (tmp_path / "big.jpg").write_bytes(_data_noise_jpeg((1100, 1024)))
+    (tmp_path / "big.txt").write_text("a photo")
+    loader = data.Loader([str(tmp_path)], 1, workers=0)
+    assert (loader.stats["kept"], loader.stats["dropped_small"], loader.stats["missing_captions"]) == (2, 1, 1)
+    assert sorted(b["captions"][0] for b in _data_take(loader.batches(), 2)) in (["", "a photo"],)
+
+
+def _data_mode_images():
+    """(name, PIL image, format, expected RGB of the result) for the PIL modes issue 4 names."""
+    pal = Image.new("P", (16, 16), 1)
+    pal.putpalette([0, 0, 0, 250, 20, 20] + [0] * 762)
+    pal_t = pal.copy()
+    pal_t.info["transparency"] = 1  # index 1 transparent → white
+    grey16 = Image.fromarray(np.full((16, 16), 32768, dtype=np.uint16))  # mid grey, not clipped white
+    return [("palette", pal, "PNG", (250, 20, 20)), ("palette-transparent", pal_t, "PNG", (255, 255, 255)),
+            ("LA", Image.new("LA", (16, 16), (0, 0)), "PNG", (255, 255, 255)),
+            ("RGBA", Image.new("RGBA", (16, 16), (255, 0, 0, 128)), "PNG", (255, 127, 127)),
+            ("16-bit", grey16, "PNG", (128, 128, 128)),
+            ("CMYK", Image.new("CMYK", (16, 16), (0, 255, 255, 0)), "JPEG", (255, 0, 0))]
+
+
+@pytest.mark.parametrize("name, img, fmt, rgb", _data_mode_images(), ids=[m[0] for m in _data_mode_images()])
+def test_image_modes_come_out_rgb(name, img, fmt, rgb):
+    raw = io.BytesIO()
+    img.save(raw, fmt, **({"transparency": 1} if name == "palette-transparent" else {}))
+    out = data.load_image(raw.getvalue(), (8, 8))
+    assert out.mode == "RGB" and np.abs(np.asarray(out, dtype=int) - rgb).max() <= 4
+
+
+def test_exif_rotated_jpeg_comes_out_upright():
+    stored = Image.new("RGB", (64, 32), (255, 0, 0))
+    stored.paste((0, 0, 255), (32, 0, 64, 32))  # stored: left red, right blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display = stored rotated 90° clockwise: left → top
+    raw = io.BytesIO()
+    stored.save(raw, "JPEG", exif=exif, quality=95)
+    assert data.upright_size(data.open_image(raw.getvalue())) == (32, 64)
+    out = np.asarray(data.load_image(raw.getvalue(), (16, 32)), dtype=int)
+    assert out[:12, :, 0].min() > 200 and out[-12:, :, 2].min() > 200
+
+
+def test_captions_in_odd_encodings_and_long_captions(tmp_path):
+    text = "café crème à la plage"
+    (tmp_path / "a.png").write_bytes(_data_png())
+    (tmp_path / "a.txt").write_bytes(text.encode("latin-1"))
+    (tmp_path / "b.png").write_bytes(_data_png())
+    (tmp_path / "b.txt").write_bytes(text.encode("utf-16"))  # with BOM
+    (tmp_path / "c.png").write_bytes(_data_png())
+    (tmp_path / "c.caption").write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8") + b"\r\n")
+    long = " ".join(["a very long caption"] * 40)  # ≈ 160 tokens: kept whole, the tokenizer truncates
+    (tmp_path / "d.png").write_bytes(_data_png())
+    (tmp_path / "d.json").write_text(json.dumps({"caption": long}))
+    assert [it.caption for it in data.scan_folder(str(tmp_path), 1, Counter(), None)] == [text] * 3 + [long]
+
+
+def test_tar_shard_cut_mid_member_keeps_the_good_samples(tmp_path):
+    samples = [(f"{k:05d}", {"jpg": _data_noise_jpeg((40, 40), k), "txt": f"sample {k}".encode()}) for k in range(4)]
+    path = _data_shard(tmp_path / "00000.tar", samples)
+    raw = open(path, "rb").read()
+    cut = raw.index(b"00002.jpg") + 512 + 300  # 300 bytes into the third sample's image (after its 512-byte header)
+    open(path, "wb").write(raw[:cut])
+    warned = []
+    got = list(data.read_shard(path, lambda name, e: warned.append(e.reason)))
+    assert [k for k, _ in got] == ["00000", "00001"] and warned == ["truncated shard"]
+    loader = data.Loader([path], 1, workers=0, min_side=1, caption_dropout=0, **TINY)
+    batches = _data_take(loader.batches(), 4)
+    assert sorted(b["captions"][0] for b in batches[:2]) == ["sample 0", "sample 1"]
+    assert loader.stats["kept"] == 2 and loader.stats["bad_files"]["truncated shard"] == 1
+
+
+def _data_shards(tmp_path, n_shards, per_shard):
+    paths = []
+    for s in range(n_shards):
+        samples = []
+        for k in range(per_shard):
+            size = [(16, 16), (24, 40), (40, 24)][k % 3]
+            meta = {"caption": f"s{s}k{k}", "original_width": 2000, "original_height": 1500}
+            samples.append((f"{s:03d}{k:04d}", {"png": _data_png(size), "json": json.dumps(meta).encode()}))
+        paths.append(_data_shard(tmp_path / f"{s:05d}.tar", samples))
+    return paths
+
+
+@pytest.mark.parametrize("n_shards", [7, 2])  # more shards than readers, and fewer (every reader strides samples)
+def test_shard_split_over_2_ranks_x_2_workers_sees_each_sample_once(tmp_path, n_shards):
+    _data_shards(tmp_path, n_shards, 6)
+    shards = data.expand_shards([str(tmp_path / "*.tar")])
+    opts = dict(seed=0, caption_dropout=0, flip=False, random_crop=False, inpaint=False)
+    for epoch in (0, 1):
+        seen = []
+        for rank in (0, 1):
+            stream = data.ShardStream(shards, data.buckets(**{"area": 1024, "min_side": 24, "max_side": 40,
+                                                               "step": 8}), 2, rank, 2, 1024, opts)
+            for worker in (0, 1):
+                seen += [i for i, _ in stream.samples(epoch, rank * 2 + worker, 4, Counter(), None)]
+        assert sorted(seen) == sorted((s << 32) + k for s in range(n_shards) for k in range(6))
+
+
+def test_shard_loader_with_two_workers_resumes_at_a_position(tmp_path):
+    _data_shards(tmp_path, 4, 6)
+    loader = data.Loader([str(tmp_path / "*.tar")], 2, workers=2, min_side=1024, **TINY)
+    run = _data_take(loader.batches(), 8)
+    assert [b["position"] for b in run] == list(range(8))
+    assert all(len({data.bucket_for(*b["pixels"].shape[:1:-1], data.buckets(**{"area": 1024, "min_side": 24,
+                                                                                "max_side": 40, "step": 8}))}) == 1
+               for b in run)
+    resumed = _data_take(loader.batches(start=5), 3)
+    assert [b["index"].tolist() for b in resumed] == [b["index"].tolist() for b in run[5:]]
+    assert loader.stats["kept"] >= 12 and loader.stats["missing_captions"] == 0
