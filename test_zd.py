@@ -574,137 +574,6 @@ def test_unet_scalar_t_bf16_autocast_channels_last():
     assert out.shape == ref.shape and rel_err(out.float(), ref) < 0.05
 
 
-# ---- zd.py sample -----------------------------------------------------------------------------------------------------
-
-import types  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-ZT_DDIM = dict(**SD15, rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction",
-               clip_sample=False, set_alpha_to_one=True, steps_offset=1)
-_ZT_FOLDERS = {}
-
-
-@pytest.fixture(scope="module")
-def zt_sd(tmp_path_factory):
-    """make(variant) → (folder, diffusers components) of a tiny random SD1.5-layout pipeline ("base"/"inpaint"), saved
-    as a diffusers folder marked v/ZT by its scheduler config (the DDIMScheduler the parity tests run)."""
-    def make(variant="base"):
-        if variant not in _ZT_FOLDERS:
-            from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-            from transformers import CLIPTextModel
-            folder = tmp_path_factory.mktemp(f"zt_{variant}")
-            unet_cfg = model.UNetConfig.tiny(in_channels=9 if variant == "inpaint" else 4)
-            seed = 10 if variant == "base" else 20
-            parts = dict(unet=randomize(UNet2DConditionModel(**diffusers_unet_config(unet_cfg)), seed).eval(),
-                         vae=randomize(AutoencoderKL(**diffusers_vae_config(model.VAEConfig.tiny())), seed + 1).eval(),
-                         text_encoder=randomize(CLIPTextModel(transformers_clip_config(model.CLIPConfig.tiny())),
-                                                seed + 2).eval(),
-                         tokenizer=hf_tokenizer(folder / "vocab"), scheduler=DDIMScheduler(**ZT_DDIM),
-                         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-            StableDiffusionPipeline(**parts).save_pretrained(folder, safe_serialization=True)
-            _ZT_FOLDERS[variant] = folder, parts
-        return _ZT_FOLDERS[variant]
-    return make
-
-
-def _uint8(images_np):
-    """diffusers' output_type="np" floats → uint8 the way its numpy_to_pil does: round(x·255)."""
-    return torch.from_numpy((images_np * 255).round().astype("uint8"))
-
-
-def _assert_images_close(ours, ref):
-    diff = (ours.int() - ref.int()).abs()
-    assert ours.shape == ref.shape and diff.max().item() <= 1, f"max uint8 diff {diff.max().item()}"
-    # a random model can saturate: make sure the comparison was about real, unclamped pixel values
-    assert ((ref > 0) & (ref < 255)).float().mean().item() > 0.5 and ref.float().std().item() > 5
-
-
-@pytest.mark.parametrize("steps", [10, 25])
-def test_sample_matches_diffusers_pipeline(zt_sd, steps):
-    """End-to-end parity: generate() on the loaded folder == diffusers' StableDiffusionPipeline with
-    DDIMScheduler(rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction",
-    clip_sample=False, set_alpha_to_one=True) and guidance_rescale=0.7, same seed, prompt, negative prompt, size,
-    two images per prompt: identical uint8 up to ±1. Steps divide 1000: diffusers' step() takes prev_t = t − 1000//N,
-    which is the next trailing step only then (SPEC §7.6); other N are tested against the list itself below."""
-    from diffusers import StableDiffusionPipeline
-    folder, parts = zt_sd("base")
-    sd = model.load(folder)
-    assert (sd.meta["prediction"], sd.meta["ztsnr"]) == ("v", True)
-    kw = dict(negative_prompt="blurry, low quality", num_inference_steps=steps, guidance_scale=7.5,
-              guidance_rescale=0.7, height=64, width=64)
-    pipe = StableDiffusionPipeline(**parts)
-    pipe.set_progress_bar_config(disable=True)
-    ref = pipe("a red fox in the snow", num_images_per_prompt=2, output_type="np",
-               generator=torch.Generator("cpu").manual_seed(3), **kw).images
-    ours = zd.generate(sd, ["a red fox in the snow"] * 2, negative="blurry, low quality", steps=steps, cfg=7.5,
-                       rescale=0.7, seed=3, width=64, height=64, progress=False)
-    _assert_images_close(ours, _uint8(ref))
-
-
-def test_inpainting_matches_diffusers_pipeline(zt_sd, tmp_path):
-    """A 9-channel ZT/v inpainting model == diffusers' StableDiffusionInpaintPipeline at strength 1: UNet input
-    [x_t (4), mask (1, nearest-downsampled), masked-image latent (4)], masked image = image·(mask < 0.5), its latent a
-    VAE posterior sample drawn after the initial noise from the same generator. That pipeline has no guidance_rescale,
-    so φ = 0 here; the rescale is covered by the text-to-image parity test."""
-    from diffusers import StableDiffusionInpaintPipeline
-    from PIL import Image
-    folder, parts = zt_sd("inpaint")
-    sd = model.load(folder)
-    assert sd.meta["inpaint"]
-    g = np.random.default_rng(0)
-    image = Image.fromarray(g.integers(0, 256, (64, 64, 3), dtype=np.uint8))
-    m = np.zeros((64, 64), dtype=np.uint8)
-    m[8:40, 16:56] = 255                                  # white = repaint
-    mask = Image.fromarray(m)
-    image.save(tmp_path / "in.png")
-    mask.save(tmp_path / "mask.png")
-    pipe = StableDiffusionInpaintPipeline(**parts)
-    pipe.set_progress_bar_config(disable=True)
-    ref = pipe("a stone wall", image=image, mask_image=mask, strength=1.0, num_inference_steps=10, guidance_scale=5.0,
-               height=64, width=64, output_type="np", generator=torch.Generator("cpu").manual_seed(4)).images
-    ours = zd.generate(sd, ["a stone wall"], steps=10, cfg=5.0, rescale=0.0, seed=4, width=64, height=64,
-                       image=str(tmp_path / "in.png"), mask=str(tmp_path / "mask.png"), progress=False)
-    _assert_images_close(ours, _uint8(ref))
-
-
-class _Recorder(torch.nn.Module):
-    """Wraps a UNet (or stands in for one) and records the (x, t) of every call."""
-
-    def __init__(self, unet=None, in_channels=4):
-        super().__init__()
-        self.inner = unet
-        self.w = torch.nn.Parameter(torch.ones(()))
-        self.cfg = types.SimpleNamespace(in_channels=in_channels)
-        self.calls = []
-
-    def forward(self, x, t, context):
-        self.calls.append((x.clone(), int(t[0])))
-        if self.inner is not None:
-            return self.inner(x, t, context)
-        return _fake_model(x[:, :4], int(t[0])) + 0.01 * context.mean()   # a smooth stand-in, as in the DDIM tests
-
-
-def _stub_sd(meta, vae=True, in_channels=4):
-    """The tiny SD with a recording stand-in UNet, for tests of the loop itself."""
-    sd = types.SimpleNamespace(unet=_Recorder(in_channels=in_channels), tokenizer=model.Tokenizer.default(), meta=meta,
-                               text_encoder=model.CLIPTextModel(model.CLIPConfig.tiny(layers=1)),
-                               vae=model.VAE(model.VAEConfig.tiny()) if vae else None)
-    return sd
-
-
-@pytest.mark.parametrize("n", [13, 7])
-def test_sample_steps_follow_the_trailing_list(n):
-    """N ∤ 1000: the UNet is called at exactly the trailing list (Lin et al. 2023, Table 2), first t = 999; for N = 13
-    the second step is 922, not 999 − 1000//13 = 923 (SPEC §7.6)."""
-    sd = _stub_sd(dict(prediction="v", ztsnr=True))
-    zd.generate(sd, ["x"], steps=n, width=64, height=64, progress=False)
-    ts = [t for _, t in sd.unet.calls]
-    assert ts == S.timesteps(n).tolist() and ts[0] == 999
-    if n == 13:
-        assert ts[1] == 922 != 999 - 1000 // 13
-
-
 def flat(sd):
     """Every tensor of an model.SD under its LDM name."""
     nets = ((model.UNET_PREFIX, sd.unet), (model.VAE_PREFIX, sd.vae), (model.CLIP_PREFIX, sd.text_encoder))
@@ -1012,6 +881,250 @@ def test_cli_inspect(tiny_file, tmp_path, capsys):
     save_file({"foo": torch.zeros(1)}, tmp_path / "junk.safetensors")
     with pytest.raises(SystemExit, match="not an SD1.5-family checkpoint"):
         zd.main(["inspect", str(tmp_path / "junk.safetensors")])
+
+
+# ---- zd.py sample -----------------------------------------------------------------------------------------------------
+
+import types  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+ZT_DDIM = dict(**SD15, rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction",
+               clip_sample=False, set_alpha_to_one=True, steps_offset=1)
+_ZT_FOLDERS = {}
+
+
+@pytest.fixture(scope="module")
+def zt_sd(tmp_path_factory):
+    """make(variant) → (folder, diffusers components) of a tiny random SD1.5-layout pipeline ("base"/"inpaint"), saved
+    as a diffusers folder marked v/ZT by its scheduler config (the DDIMScheduler the parity tests run)."""
+    def make(variant="base"):
+        if variant not in _ZT_FOLDERS:
+            from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+            from transformers import CLIPTextModel
+            folder = tmp_path_factory.mktemp(f"zt_{variant}")
+            unet_cfg = model.UNetConfig.tiny(in_channels=9 if variant == "inpaint" else 4)
+            seed = 10 if variant == "base" else 20
+            parts = dict(unet=randomize(UNet2DConditionModel(**diffusers_unet_config(unet_cfg)), seed).eval(),
+                         vae=randomize(AutoencoderKL(**diffusers_vae_config(model.VAEConfig.tiny())), seed + 1).eval(),
+                         text_encoder=randomize(CLIPTextModel(transformers_clip_config(model.CLIPConfig.tiny())),
+                                                seed + 2).eval(),
+                         tokenizer=hf_tokenizer(folder / "vocab"), scheduler=DDIMScheduler(**ZT_DDIM),
+                         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            StableDiffusionPipeline(**parts).save_pretrained(folder, safe_serialization=True)
+            _ZT_FOLDERS[variant] = folder, parts
+        return _ZT_FOLDERS[variant]
+    return make
+
+
+def _uint8(images_np):
+    """diffusers' output_type="np" floats → uint8 the way its numpy_to_pil does: round(x·255)."""
+    return torch.from_numpy((images_np * 255).round().astype("uint8"))
+
+
+def _assert_images_close(ours, ref):
+    diff = (ours.int() - ref.int()).abs()
+    assert ours.shape == ref.shape and diff.max().item() <= 1, f"max uint8 diff {diff.max().item()}"
+    # a random model can saturate: make sure the comparison was about real, unclamped pixel values
+    assert ((ref > 0) & (ref < 255)).float().mean().item() > 0.5 and ref.float().std().item() > 5
+
+
+@pytest.mark.parametrize("steps", [10, 25])
+def test_sample_matches_diffusers_pipeline(zt_sd, steps):
+    """End-to-end parity: generate() on the loaded folder == diffusers' StableDiffusionPipeline with
+    DDIMScheduler(rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction",
+    clip_sample=False, set_alpha_to_one=True) and guidance_rescale=0.7, same seed, prompt, negative prompt, size,
+    two images per prompt: identical uint8 up to ±1. Steps divide 1000: diffusers' step() takes prev_t = t − 1000//N,
+    which is the next trailing step only then (SPEC §7.6); other N are tested against the list itself below."""
+    from diffusers import StableDiffusionPipeline
+    folder, parts = zt_sd("base")
+    sd = model.load(folder)
+    assert (sd.meta["prediction"], sd.meta["ztsnr"]) == ("v", True)
+    kw = dict(negative_prompt="blurry, low quality", num_inference_steps=steps, guidance_scale=7.5,
+              guidance_rescale=0.7, height=64, width=64)
+    pipe = StableDiffusionPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe("a red fox in the snow", num_images_per_prompt=2, output_type="np",
+               generator=torch.Generator("cpu").manual_seed(3), **kw).images
+    ours = zd.generate(sd, ["a red fox in the snow"] * 2, negative="blurry, low quality", steps=steps, cfg=7.5,
+                       rescale=0.7, seed=3, width=64, height=64, progress=False)
+    _assert_images_close(ours, _uint8(ref))
+
+
+def test_inpainting_matches_diffusers_pipeline(zt_sd, tmp_path):
+    """A 9-channel ZT/v inpainting model == diffusers' StableDiffusionInpaintPipeline at strength 1: UNet input
+    [x_t (4), mask (1, nearest-downsampled), masked-image latent (4)], masked image = image·(mask < 0.5), its latent a
+    VAE posterior sample drawn after the initial noise from the same generator. That pipeline has no guidance_rescale,
+    so φ = 0 here; the rescale is covered by the text-to-image parity test."""
+    from diffusers import StableDiffusionInpaintPipeline
+    from PIL import Image
+    folder, parts = zt_sd("inpaint")
+    sd = model.load(folder)
+    assert sd.meta["inpaint"]
+    g = np.random.default_rng(0)
+    image = Image.fromarray(g.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    m = np.zeros((64, 64), dtype=np.uint8)
+    m[8:40, 16:56] = 255                                  # white = repaint
+    mask = Image.fromarray(m)
+    image.save(tmp_path / "in.png")
+    mask.save(tmp_path / "mask.png")
+    pipe = StableDiffusionInpaintPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe("a stone wall", image=image, mask_image=mask, strength=1.0, num_inference_steps=10, guidance_scale=5.0,
+               height=64, width=64, output_type="np", generator=torch.Generator("cpu").manual_seed(4)).images
+    ours = zd.generate(sd, ["a stone wall"], steps=10, cfg=5.0, rescale=0.0, seed=4, width=64, height=64,
+                       image=str(tmp_path / "in.png"), mask=str(tmp_path / "mask.png"), progress=False)
+    _assert_images_close(ours, _uint8(ref))
+
+
+class _Recorder(torch.nn.Module):
+    """Wraps a UNet (or stands in for one) and records the (x, t) of every call."""
+
+    def __init__(self, unet=None):
+        super().__init__()
+        self.inner = unet
+        self.w = torch.nn.Parameter(torch.ones(()))
+        self.cfg = unet.cfg if unet is not None else model.UNetConfig.tiny()
+        self.calls = []
+
+    def forward(self, x, t, context):
+        self.calls.append((x.clone(), int(t[0])))
+        if self.inner is not None:
+            return self.inner(x, t, context)
+        return _fake_model(x[:, :4], int(t[0]))        # a smooth stand-in, as in the DDIM tests
+
+
+def _stub_sd(meta, unet=None, vae=True):
+    """A tiny SD whose UNet records its calls (a smooth stand-in unless a network is given), for tests of the loop."""
+    return types.SimpleNamespace(unet=_Recorder(unet), tokenizer=model.Tokenizer.default(), meta=meta,
+                                 text_encoder=model.CLIPTextModel(model.CLIPConfig.tiny(layers=1)),
+                                 vae=model.VAE(model.VAEConfig.tiny()) if vae else None)
+
+
+@pytest.mark.parametrize("n", [13, 7])
+def test_sample_steps_follow_the_trailing_list(n):
+    """N ∤ 1000: the UNet is called at exactly the trailing list (Lin et al. 2023, Table 2), first t = 999; for N = 13
+    the second step is 922, not 999 − 1000//13 = 923 (SPEC §7.6)."""
+    sd = _stub_sd(dict(prediction="v", ztsnr=True))
+    zd.generate(sd, ["x"], steps=n, width=64, height=64, progress=False)
+    ts = [t for _, t in sd.unet.calls]
+    assert ts == S.timesteps(n).tolist() and ts[0] == 999
+    if n == 13:
+        assert ts[1] == 922 != 999 - 1000 // 13
+
+
+def _check_ddim_transitions(calls, scheduler_kw):
+    """Each recorded UNet input x_{i+1} is diffusers' DDIMScheduler.step from x_i with the stand-in's output."""
+    ref = DDIMScheduler(**SD15, clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing", steps_offset=1,
+                        **scheduler_kw)
+    ref.set_timesteps(len(calls))
+    assert [t for _, t in calls] == ref.timesteps.tolist()
+    for (x, t), (x_next, _) in zip(calls, calls[1:]):
+        torch.testing.assert_close(x_next, ref.step(_fake_model(x, t), t, x).prev_sample, rtol=1e-4, atol=1e-4)
+
+
+def test_sampler_uses_the_trained_zt_schedule():
+    """SPEC §7.9: a model marked v/ZT is sampled on the rescaled schedule it was trained on — the trajectory is
+    diffusers' DDIMScheduler(rescale_betas_zero_snr=True, v_prediction), and not the unrescaled one's."""
+    sd = _stub_sd(dict(prediction="v", ztsnr=True))
+    zd.generate(sd, ["x"], steps=10, cfg=1.0, width=64, height=64, progress=False)
+    _check_ddim_transitions(sd.unet.calls, dict(rescale_betas_zero_snr=True, prediction_type="v_prediction"))
+    with pytest.raises(AssertionError):
+        _check_ddim_transitions(sd.unet.calls, dict(prediction_type="v_prediction"))
+
+
+def test_unmarked_model_samples_as_sd15_eps(capsys):
+    """A checkpoint without markers (stock SD1.5) is sampled as ε on SD1.5's own schedule, and the sampler says so."""
+    sd = _stub_sd({})
+    zd.generate(sd, ["x"], steps=10, cfg=1.0, width=64, height=64, progress=False)
+    assert "assuming ε prediction on the SD1.5 schedule" in capsys.readouterr().out
+    _check_ddim_transitions(sd.unet.calls, dict(prediction_type="epsilon"))
+    assert zd.sampling_schedule({"prediction": "v", "ztsnr": True}, prediction="eps", zero_terminal_snr=False) == \
+        ("eps", False)                                    # overrides win over markers
+
+
+@pytest.mark.parametrize("meta,kw", [(dict(prediction="eps", ztsnr=True), {}),
+                                     (dict(prediction="v", ztsnr=True), dict(prediction="eps")),
+                                     ({}, dict(zero_terminal_snr=True))])
+def test_eps_on_zt_schedule_is_refused(meta, kw):
+    """SPEC §7.7: ε prediction on the ZT schedule would divide by √ᾱ_999 = 0 — refused before any step runs."""
+    sd = _stub_sd(meta)
+    with pytest.raises(ValueError, match="zero-terminal-SNR"):
+        zd.generate(sd, ["x"], steps=10, width=64, height=64, progress=False, **kw)
+    assert sd.unet.calls == []
+
+
+def test_seed_reproducible_and_initial_latent_documented():
+    """Same seed → identical images; the initial latent is exactly the documented
+    torch.randn((n, 4, H/8, W/8), generator=torch.Generator("cpu").manual_seed(seed)), float32."""
+    sd = _stub_sd(dict(prediction="v", ztsnr=True))
+    a = zd.generate(sd, ["x", "y"], steps=3, width=128, height=64, seed=7, progress=False)
+    x_first = sd.unet.calls[0][0]
+    b = zd.generate(sd, ["x", "y"], steps=3, width=128, height=64, seed=7, progress=False)
+    c = zd.generate(sd, ["x", "y"], steps=3, width=128, height=64, seed=8, progress=False)
+    assert a.dtype == torch.uint8 and a.shape == (2, 64, 128, 3)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    expected = torch.randn((2, 4, 8, 16), generator=torch.Generator("cpu").manual_seed(7))
+    assert torch.equal(x_first, torch.cat([expected, expected]))      # [uncond; cond] halves, t = 999: x_T = noise
+
+
+def test_pixel_space_model(tmp_path):
+    """zd's demo models have no VAE: x_t is the image (3 channels at H×W, no /8) in [−1, 1]; the initial noise is
+    torch.randn((n, 3, H, W), generator=...) and the output is the last x̂0 as uint8. Also through save → `zd.py sample`."""
+    unet = model.UNet(model.UNetConfig.tiny(in_channels=3, out_channels=3))
+    sd = _stub_sd(dict(prediction="v", ztsnr=True, pixel_space=True), unet=unet, vae=False)
+    images = zd.generate(sd, ["a white square"] * 2, steps=2, width=32, height=32, seed=1, progress=False)
+    assert images.shape == (2, 32, 32, 3) and images.dtype == torch.uint8
+    expected = torch.randn((2, 3, 32, 32), generator=torch.Generator("cpu").manual_seed(1))
+    assert torch.equal(sd.unet.calls[0][0][:2], expected)
+    from PIL import Image
+    model.save(tmp_path / "px.safetensors", unet, sd.text_encoder)
+    zd.main(["sample", "--model", str(tmp_path / "px.safetensors"), "--prompt", "a white square", "--steps", "2",
+             "--seed", "1", "--device", "cpu", "--out", str(tmp_path / "px.png")])
+    assert np.abs(np.array(Image.open(tmp_path / "px.png")).astype(int) - images[0].numpy()).max() <= 1
+
+
+@pytest.mark.parametrize("steps,strength", [(10, 0.6), (25, 0.8), (13, 0.5)])
+def test_img2img_matches_diffusers_truncation_and_start(zt_sd, steps, strength):
+    """Base model with an image: the steps are diffusers' StableDiffusionImg2ImgPipeline.get_timesteps (the last
+    ⌊N·strength⌋ of the trailing list) and x at the first step is DDIMScheduler.add_noise(VAE_SCALE·z, noise, t_0),
+    z a posterior sample of diffusers' VAE drawn from the generator right after the noise."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+    folder, parts = zt_sd("base")
+    sd = model.load(folder, verbose=False)
+    sd.unet = _Recorder(sd.unet)
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    zd.generate(sd, ["a hill"], steps=steps, strength=strength, seed=2, width=64, height=64, image=image,
+                progress=False)
+    sched = DDIMScheduler(**ZT_DDIM)
+    sched.set_timesteps(steps)
+    ts, _ = StableDiffusionImg2ImgPipeline.get_timesteps(types.SimpleNamespace(scheduler=sched), steps, strength, "cpu")
+    assert [t for _, t in sd.unet.calls] == ts.tolist()
+    g = torch.Generator("cpu").manual_seed(2)
+    noise = torch.randn((1, 4, 8, 8), generator=g)
+    with torch.no_grad():
+        z = parts["vae"].encode(image).latent_dist.sample(g) * parts["vae"].config.scaling_factor
+    torch.testing.assert_close(sd.unet.calls[0][0][:1], sched.add_noise(z, noise, ts[:1]), rtol=1e-4, atol=1e-4)
+
+
+def test_sample_cli_writes_pngs(zt_sd, tmp_path, capsys):
+    """`zd.py sample` = generate() + save_png: one .png, or a folder with one PNG per image and grid.png; a prompt over
+    75 tokens is truncated with a warning."""
+    from PIL import Image
+    folder, _ = zt_sd("base")
+    long_prompt = "a red fox " * 30
+    args = ["sample", "--model", str(folder), "--prompt", long_prompt, "--steps", "2", "--width", "64", "--height",
+            "64", "--device", "cpu", "--seed", "5"]
+    zd.main(args + ["--out", str(tmp_path / "one.png")])
+    assert "truncated" in capsys.readouterr().err
+    zd.main(args + ["--n", "2", "--out", str(tmp_path / "many")])
+    ref = zd.generate(model.load(folder, verbose=False), [long_prompt] * 2, steps=2, width=64, height=64, seed=5,
+                      progress=False)
+    got = [np.array(Image.open(tmp_path / "many" / f"00{i}.png")) for i in range(2)]
+    assert torch.equal(torch.from_numpy(np.stack(got)), ref)
+    one = torch.from_numpy(np.array(Image.open(tmp_path / "one.png")))
+    assert (one.int() - torch.from_numpy(got[0]).int()).abs().max() <= 1   # n = 1 is the first row of n = 2's noise
+    assert np.asarray(Image.open(tmp_path / "many" / "grid.png")).shape == (64, 128, 3)
 
 
 # ---- zd.py train -------------------------------------------------------------------------------------------------------

@@ -208,12 +208,10 @@ def sampling_schedule(meta, prediction=None, zero_terminal_snr=None):
     first step would divide by √ᾱ_999 = 0 (SPEC §7.7)."""
     pred = prediction or meta.get("prediction")
     zt = zero_terminal_snr if zero_terminal_snr is not None else meta.get("ztsnr")
-    if pred is None or zt is None:
-        print(f"note: the checkpoint does not say {'what it predicts' if pred is None else 'its schedule'}; assuming "
-              f"SD1.5's ({'ε' if pred is None else pred} prediction, "
-              f"{'SD1.5' if zt is None else 'zero-terminal-SNR' if zt else 'SD1.5'} schedule). "
-              "Override with --prediction v|eps and --schedule zt|sd15.")
+    if pred is None or zt is None:                        # unmarked: what SD1.5 itself is
         pred, zt = pred or "eps", bool(zt)
+        print(f"note: the checkpoint is not fully marked; assuming {'ε' if pred == 'eps' else 'v'} prediction on the "
+              f"{'zero-terminal-SNR' if zt else 'SD1.5'} schedule. Override with --prediction v|eps, --schedule zt|sd15.")
     if pred not in ("v", "eps"):
         raise ValueError(f"unknown prediction type {pred!r}: use 'v' or 'eps'")
     if pred == "eps" and zt:
@@ -294,11 +292,14 @@ def generate(sd, prompts, *, negative="", steps=25, cfg=7.5, rescale=0.7, seed=0
     parameterisation the checkpoint is marked with (`sampling_schedule`).
     The initial noise is the first draw of the seed's generator, exactly
         torch.randn((N, C, H/8, W/8), generator=torch.Generator("cpu").manual_seed(seed))   # float32, then moved
-    (C = 4; pixel-space models: C = UNet in-channels at H×W), as diffusers' pipelines draw it with the same generator.
+    (C = 4; pixel-space models: the UNet's output channels at H×W), as diffusers' pipelines draw it with the same
+    generator.
     `image` (path, PIL or [1, 3, H, W] in [−1, 1]): img2img for a base model, starting `strength` (default 0.8) of the
     way up the step list as diffusers' img2img does; the inpainting input for a 9-channel model with `mask`
     (white = repaint; default strength 1.0). Posterior samples of the VAE are drawn from the same generator after
-    the noise. `sd`'s modules are used on their own device and dtype; `device`/`dtype` move them there first."""
+    the noise, as diffusers' inpainting pipeline does (its img2img pipeline draws the image's sample first, so img2img
+    runs agree with it in the step list and the formula, not in the draw). `sd`'s modules are used on their own
+    device and dtype; `device`/`dtype` move them there first."""
     pred, zt = sampling_schedule(sd.meta, prediction, zero_terminal_snr)
     if device is not None or dtype is not None:
         for m in (sd.unet, sd.vae, sd.text_encoder):
@@ -326,16 +327,17 @@ def generate(sd, prompts, *, negative="", steps=25, cfg=7.5, rescale=0.7, seed=0
             raise ValueError(f"strength {strength} leaves no step of {steps}")
 
     generator = torch.Generator("cpu").manual_seed(seed)
-    channels = 4 if sd.vae is not None else sd.unet.cfg.in_channels
+    channels = 4 if sd.vae is not None else sd.unet.cfg.out_channels    # pixel space: x_t is the image itself
     noise = torch.randn((n, channels, height // f, width // f), generator=generator).to(device)
-    context = encode_prompts(sd, negatives + prompts, device)      # [uncond; cond], as diffusers batches them
+    guided = cfg > 1                                      # as diffusers: guidance ≤ 1 runs the conditional pass alone
+    context = encode_prompts(sd, (negatives if guided else []) + prompts, device)    # [uncond; cond]
     x = noise
     if image is not None:
         image = load_image(image, width, height).to(device)
         if inpaint:
             m = load_mask(mask, width, height).to(device)
             masked = encode_image(sd, image * (m < 0.5), generator)          # SPEC §3: image·(mask < 0.5)
-            cond = torch.cat([F.interpolate(m, size=noise.shape[-2:]), masked], dim=1).expand(n, -1, -1, -1)
+            known = torch.cat([F.interpolate(m, size=noise.shape[-2:]), masked], dim=1).expand(n, -1, -1, -1)
         if not inpaint or strength < 1:
             # the image noised to the first step's ᾱ, x_t = √ᾱ·x0 + √(1−ᾱ)·ε (Ho et al. 2020, eq. 4); an inpainting
             # model at strength 1 starts from pure noise, as diffusers' inpainting pipeline does
@@ -343,12 +345,11 @@ def generate(sd, prompts, *, negative="", steps=25, cfg=7.5, rescale=0.7, seed=0
 
     start = time.time()
     for i, t in enumerate(ts.tolist()):
-        x_in = torch.cat([x, x])
-        if inpaint:
-            x_in = torch.cat([x_in, torch.cat([cond, cond])], dim=1)     # [x_t (4), mask (1), masked latent (4)]
-        out = sd.unet(on(sd.unet, x_in), torch.full((2 * n,), t, device=device), on(sd.unet, context))
-        out_u, out_c = out.float().chunk(2)
-        out = S.cfg(out_u, out_c, cfg, rescale) if cfg > 1 else out_c   # on the raw model output (v or ε)
+        x_in = torch.cat([x, known], dim=1) if inpaint else x       # [x_t (4), mask (1), masked latent (4)]
+        x_in = torch.cat([x_in, x_in]) if guided else x_in
+        out = sd.unet(on(sd.unet, x_in), torch.full((len(x_in),), t, device=device), on(sd.unet, context)).float()
+        if guided:
+            out = S.cfg(*out.chunk(2), cfg, rescale)                     # on the raw model output (v or ε)
         x = S.ddim_step(x, out, abar[t], S.abar_at(abar, S.prev_timestep(ts, i)), pred)
         if progress:
             print(f"\rsampling: step {i + 1}/{len(ts)}  t={t:3d}  {time.time() - start:5.1f}s", end="", file=sys.stderr,
@@ -392,16 +393,16 @@ def sample(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype or (
         "fp16" if device.startswith("cuda") else "fp32")]
-    sd = model.load(args.model, vae_path=args.vae, ema=False if args.raw else None)
+    sd = model.load(args.model, vae_path=args.vae, ema=False if args.raw else None, dtype=dtype, device=device)
     width, height = args.width, args.height
     if args.image and not (width and height):
         w, h = Image.open(args.image).size
         width, height = width or w // 64 * 64, height or h // 64 * 64
-    f = 1 if sd.vae is None else 8
+    default = 512 if sd.vae is not None else 32           # zd's pixel-space demo models are 32×32
     images = generate(sd, [args.prompt] * args.n, negative=args.negative, steps=args.steps, cfg=args.cfg,
-                      rescale=args.rescale, seed=args.seed, width=width or 64 * f, height=height or 64 * f,
+                      rescale=args.rescale, seed=args.seed, width=width or default, height=height or default,
                       prediction=args.prediction, zero_terminal_snr=None if args.schedule is None else args.schedule == "zt",
-                      image=args.image, mask=args.mask, strength=args.strength, device=device, dtype=dtype)
+                      image=args.image, mask=args.mask, strength=args.strength)
     for path in save_png(images, args.out, cols=min(args.n, 4)):
         print(f"wrote {path}")
 
@@ -839,31 +840,6 @@ def parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("convert", help="any SD1.5-family checkpoint → an LDM single .safetensors file")
-    s.add_argument("input", help="single .safetensors file or diffusers folder")
-    s.add_argument("output", help="output .safetensors (a sidecar .yaml is written beside it)")
-    s.add_argument("--vae", help="take the VAE from this .safetensors file")
-    ema = s.add_mutually_exclusive_group()
-    ema.add_argument("--ema", dest="ema", action="store_true", default=None, help="require and take model_ema.*")
-    ema.add_argument("--no-ema", dest="ema", action="store_false", help="take the raw UNet of a file with EMA")
-    s.add_argument("--inpaint", action="store_true", help="make a 9-channel inpainting UNet (new channels zero)")
-    add_marker_flags(s)
-    s.set_defaults(func=convert)
-
-    s = sub.add_parser("merge", help="add difference: A + α·(B − C), e.g. inpaint + (tuned − base)")
-    s.add_argument("a", help="model to add to (e.g. SD1.5 inpainting)")
-    s.add_argument("b", help="finetuned model (e.g. a ZD finetune)")
-    s.add_argument("c", help="what B was finetuned from (e.g. SD1.5)")
-    s.add_argument("output", help="output .safetensors")
-    s.add_argument("--alpha", type=float, default=1.0, help="scale of the difference (default 1)")
-    add_marker_flags(s)
-    s.set_defaults(func=merge)
-
-    s = sub.add_parser("inspect", help="what a checkpoint is: layout, variant, EMA, markers, dtypes, sizes")
-    s.add_argument("path", help="single .safetensors file or diffusers folder")
-    s.set_defaults(func=inspect)
-
-
     s = sub.add_parser("schedule", help="print the noise schedule (β, ᾱ, SNR, loss weights) and the sampling timesteps",
                        description=schedule.__doc__)
     s.add_argument("--steps", type=int, default=10, help="number of sampling steps (default 10)")
@@ -895,8 +871,9 @@ def parser():
     s.add_argument("--rescale", type=float, default=0.7, help="CFG rescale φ, Lin et al. 2023 Alg. 2 (default 0.7)")
     s.add_argument("--seed", type=int, default=0, help='initial latent = torch.randn((n, 4, H/8, W/8), generator='
                    'torch.Generator("cpu").manual_seed(SEED)), float32, as diffusers draws it (default 0)')
-    s.add_argument("--width", type=int, help="multiple of 64 (default 512, or --image's size rounded down)")
-    s.add_argument("--height", type=int, help="multiple of 64 (default 512, or --image's size rounded down)")
+    s.add_argument("--width", type=int, help="multiple of 64 (default 512, or --image's size rounded down; "
+                                             "pixel-space demo models: multiple of 8, default 32)")
+    s.add_argument("--height", type=int, help="as --width")
     s.add_argument("--n", type=int, default=1, help="images of the prompt, sampled as one batch (default 1)")
     s.add_argument("--out", default="sample.png", help="a .png path, or a folder for several images plus grid.png "
                                                        "(default sample.png)")
@@ -912,6 +889,29 @@ def parser():
                                                                      "CPU); the schedule math stays fp32/float64")
     s.set_defaults(func=sample)
 
+    s = sub.add_parser("convert", help="any SD1.5-family checkpoint → an LDM single .safetensors file")
+    s.add_argument("input", help="single .safetensors file or diffusers folder")
+    s.add_argument("output", help="output .safetensors (a sidecar .yaml is written beside it)")
+    s.add_argument("--vae", help="take the VAE from this .safetensors file")
+    ema = s.add_mutually_exclusive_group()
+    ema.add_argument("--ema", dest="ema", action="store_true", default=None, help="require and take model_ema.*")
+    ema.add_argument("--no-ema", dest="ema", action="store_false", help="take the raw UNet of a file with EMA")
+    s.add_argument("--inpaint", action="store_true", help="make a 9-channel inpainting UNet (new channels zero)")
+    add_marker_flags(s)
+    s.set_defaults(func=convert)
+
+    s = sub.add_parser("merge", help="add difference: A + α·(B − C), e.g. inpaint + (tuned − base)")
+    s.add_argument("a", help="model to add to (e.g. SD1.5 inpainting)")
+    s.add_argument("b", help="finetuned model (e.g. a ZD finetune)")
+    s.add_argument("c", help="what B was finetuned from (e.g. SD1.5)")
+    s.add_argument("output", help="output .safetensors")
+    s.add_argument("--alpha", type=float, default=1.0, help="scale of the difference (default 1)")
+    add_marker_flags(s)
+    s.set_defaults(func=merge)
+
+    s = sub.add_parser("inspect", help="what a checkpoint is: layout, variant, EMA, markers, dtypes, sizes")
+    s.add_argument("path", help="single .safetensors file or diffusers folder")
+    s.set_defaults(func=inspect)
 
     s = sub.add_parser("train", help="fine-tune SD1.5 with the ZeroDiffusion recipe (no arguments: a CPU demo)",
                        description=TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
