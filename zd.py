@@ -449,7 +449,7 @@ caption dropout to "", a constant EMA initialised from the checkpoint's EMA, CLI
 With no --model it runs the built-in demo on the CPU in minutes: a small UNet trained from scratch in *pixel space*
 (no VAE; 16–32 px procedural images of plain colours and shapes), a tiny frozen random CLIP encoding the captions,
 through the same recipe code. It writes runs/demo/model_ema.safetensors:
-    python zd.py sample --model runs/demo/model_ema.safetensors --prompt "a plain white image" --width 24 --height 24
+    python zd.py sample --model runs/demo/model_ema.safetensors --prompt "a plain white image"
 `python zd.py demo` trains it again with SD1.5's schedule and ε and compares how black and white each gets."""
 T_BINS = 10  # the loss is also logged per timestep bin of 100 (as minRF does), to see where the model is still wrong
 
