@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 # OpenMP threads that busy-wait at every barrier collapse when the cores are shared (measured on a 2-core host with one
-# other busy process: 9.7 s per demo step instead of 0.5 s). Passive waiting costs little when the cores are free.
-# It must be set before torch loads OpenMP; OMP_WAIT_POLICY in the environment still wins.
+# other busy process: 9.7 s per demo training step with the default policy, 0.5 s with PASSIVE). It must be set before
+# torch loads OpenMP; an OMP_WAIT_POLICY in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
