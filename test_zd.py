@@ -9,6 +9,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as zd.py sets it: spinning OpenMP threads stall on shared cores
 
 import numpy as np
 import pytest
@@ -1456,3 +1458,189 @@ def test_sample_cli_writes_pngs(zt_sd, tmp_path, capsys):
     one = torch.from_numpy(np.array(Image.open(tmp_path / "one.png")))
     assert (one.int() - torch.from_numpy(got[0]).int()).abs().max() <= 1   # n = 1 is the first row of n = 2's noise
     assert np.asarray(Image.open(tmp_path / "many" / "grid.png")).shape == (64, 128, 3)
+
+
+# ---- zd.py train -------------------------------------------------------------------------------------------------------
+
+# A few tiny demo steps: batch 4 of 16–32 px images, no data workers, no sample grids.
+TINY_TRAIN = ["--batch-size", "4", "--workers", "0", "--sample-every", "0", "--log-every", "1", "--save-every", "1000"]
+
+
+def _train(out, *flags):
+    """Run `zd.py train` in this process; returns (unet, ema)."""
+    return zd.train(zd.parser().parse_args(["train", "--out", str(out), *TINY_TRAIN, *flags]))
+
+
+def _state(out):
+    return load_file(os.path.join(out, "train_state.safetensors"))
+
+
+def test_get_lr_warmup_constant_cosine():
+    lr = [zd.get_lr(s, 1e-4, 10, 110, "constant") for s in range(200)]
+    assert lr[0] == pytest.approx(1e-5) and lr[9] == pytest.approx(1e-4) and set(lr[10:]) == {1e-4}
+    cos = [zd.get_lr(s, 1e-4, 10, 110, "cosine") for s in range(111)]
+    assert cos[10] == pytest.approx(1e-4) and cos[60] == pytest.approx(5e-5) and cos[110] == pytest.approx(0, abs=1e-12)
+    assert all(a >= b for a, b in zip(cos[10:], cos[11:]))
+
+
+def test_sample_noise_depends_on_seed_step_and_index_only():
+    """A sample's t, ε, ξ and posterior noise do not depend on its batch (so not on the number of ranks)."""
+    t, eps, xi, post, none = zd.sample_noise(0, 7, torch.tensor([3, 5]), (4, 8, 8))
+    t1, eps1, xi1, post1, _ = zd.sample_noise(0, 7, torch.tensor([5]), (4, 8, 8))
+    assert none is None and torch.equal(t[1:], t1) and torch.equal(eps[1:], eps1) and torch.equal(xi[1:], xi1)
+    assert torch.equal(post[1:], post1) and not torch.equal(eps[0], eps[1]) and not torch.equal(eps[1], xi[1])
+    assert not torch.equal(zd.sample_noise(0, 8, torch.tensor([5]), (4, 8, 8))[1], eps1)
+    assert not torch.equal(zd.sample_noise(1, 7, torch.tensor([5]), (4, 8, 8))[1], eps1)
+    ts = zd.sample_noise(0, 0, torch.arange(2000), (1, 1, 1))[0]
+    assert ts.min() == 0 and ts.max() == 999 and 400 < ts.float().mean() < 600
+    assert zd.sample_noise(0, 0, torch.tensor([1]), (4, 8, 8), inpaint=True)[4].shape == (1, 4, 8, 8)
+
+
+def test_training_step_feeds_the_recipe(tmp_path, monkeypatch):
+    """The UNet's input is √ᾱ·x0 + √(1−ᾱ)·(ε + 0.1·ξ) on the ZT schedule with the sample's own draws, and dropped
+    captions reach it as CLIP's encoding of ""; the loss is the min-SNR-weighted v MSE of the rescaled schedule."""
+    calls, forward = [], model.UNet.forward
+
+    def spy(self, x, t, context):
+        out = forward(self, x, t, context)
+        calls.append((x.detach().clone(), t.clone(), context.clone(), out.detach().clone()))
+        return out
+    monkeypatch.setattr(model.UNet, "forward", spy)
+    _train(tmp_path, "--steps", "1", "--caption-dropout", "0.5")
+    x_t, t, context, out = calls[0]
+    batch = next(data.Loader(["demo"], 4, workers=0, caption_dropout=0.5, bucket_area=24 * 24, bucket_min=16,
+                             bucket_max=32, bucket_step=8).batches())
+    t0, eps, xi, _, _ = zd.sample_noise(0, 0, batch["index"], x_t.shape[1:])
+    abar = S.alphas_cumprod(S.betas(True))
+    assert torch.equal(t, t0)
+    torch.testing.assert_close(x_t, S.add_noise(batch["pixels"], eps, abar[t], xi, 0.1))
+    sd = zd.demo_model()
+    empty = sd.text_encoder(sd.tokenizer([""]))[0]
+    assert batch["dropped"].any()
+    for i, dropped in enumerate(batch["dropped"].tolist()):
+        assert torch.allclose(context[i], empty) == dropped
+    loss = S.weighted_mse(out, S.v_target(batch["pixels"], eps, abar[t]), S.min_snr_weight(S.snr(abar[t]), 5, "v"))[0]
+    logged = json.loads(open(tmp_path / "metrics.jsonl").readline())
+    assert logged["loss"] == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_resume_is_bit_identical(tmp_path):
+    """4 steps in one go == 2 steps, stop, --resume to 4: weights, EMA and optimiser state identical to the bit."""
+    _train(tmp_path / "a", "--steps", "4")
+    _train(tmp_path / "b", "--steps", "2")
+    _train(tmp_path / "b", "--steps", "4", "--resume")
+    a, b = _state(tmp_path / "a"), _state(tmp_path / "b")
+    assert a.keys() == b.keys() and any(k.startswith("opt.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    state = json.loads(open(tmp_path / "b" / "train_state.json").read())
+    assert state["step"] == 4 and state["position"] == 3
+    assert model.load(tmp_path / "b" / "model_ema.safetensors").meta["prediction"] == "v"
+
+
+def test_non_finite_loss_skips_the_step_and_stops_after_a_run(tmp_path, monkeypatch):
+    """NaN outputs from the 2nd forward on: steps 2.. are skipped (weights, Adam moments and step count untouched; the
+    EMA steps toward the unchanged weights) and after --max-bad-steps in a row the run stops with a message and a
+    saved state: the one after step 1."""
+    _train(tmp_path / "one", "--steps", "1")
+    calls, forward = [], model.UNet.forward
+
+    def poisoned(self, x, t, context):
+        calls.append(1)
+        out = forward(self, x, t, context)
+        return out * float("nan") if len(calls) > 1 else out
+    monkeypatch.setattr(model.UNet, "forward", poisoned)
+    with pytest.raises(SystemExit, match="3 steps in a row had a non-finite loss"):
+        _train(tmp_path / "nan", "--steps", "10", "--max-bad-steps", "3")
+    state = json.loads(open(tmp_path / "nan" / "train_state.json").read())
+    assert state["step"] == 4 and state["counters"]["skipped"] == 3
+    one, nan = _state(tmp_path / "one"), _state(tmp_path / "nan")
+    ema = [one[k] for k in one if k.startswith("ema.")]
+    for _ in range(3):
+        S.ema_update(ema, [one["unet." + k[len("ema."):]] for k in one if k.startswith("ema.")], 0.98)
+    for k in one:
+        assert torch.equal(one[k], nan[k]), k          # opt.*.step included: still 1
+
+
+def _checkpoint(path):
+    """A tiny SD1.5-layout full checkpoint (ε, unmarked): raw UNet + a different EMA under model_ema.*."""
+    torch.manual_seed(0)
+    unet, vae, clip = model.UNet(model.UNetConfig.tiny()), model.VAE(model.VAEConfig.tiny()), \
+        model.CLIPTextModel(model.CLIPConfig.tiny())
+    model.save(path, unet, clip, vae, prediction="eps", ztsnr=False)
+    sd = load_file(path)
+    ema = {k: v + 0.01 for k, v in sd.items() if k.startswith(model.UNET_PREFIX)}
+    save_file({**{k: v for k, v in sd.items() if k not in ("v_pred", "ztsnr")},
+               **{model.ema_key(k): v for k, v in ema.items()}}, path)
+    return {k[len(model.UNET_PREFIX):]: v for k, v in ema.items()}
+
+
+@pytest.mark.parametrize("inpaint", [False, True])
+def test_fine_tune_a_checkpoint_starts_from_its_ema_and_writes_v_zt_files(tmp_path, inpaint):
+    """The real path (VAE latents, CLIP, a checkpoint): with lr 0 the trained UNet and its EMA stay at the checkpoint's
+    EMA weights (not its raw ones, and not wiped by an EMA warm-up); the outputs are marked v/ZT with yamls; --inpaint
+    expands a 4-channel UNet to 9 channels with zero-initialised new inputs."""
+    ema_init = _checkpoint(tmp_path / "sd.safetensors")
+    flags = ["--model", str(tmp_path / "sd.safetensors"), "--data", "demo", "--steps", "2", "--lr", "0",
+             "--bucket-area", str(64 * 64), "--bucket-min", "64", "--bucket-max", "64", "--text-cache", "0"]
+    unet, ema = _train(tmp_path / "out", *flags, *(["--inpaint"] if inpaint else []))
+    for name in ("model", "model_ema"):
+        sd = model.load(tmp_path / "out" / f"{name}.safetensors")
+        assert sd.meta["prediction"] == "v" and sd.meta["ztsnr"] is True and sd.meta["inpaint"] == inpaint
+        assert (tmp_path / "out" / f"{name}.yaml").exists()
+        for k, v in sd.unet.state_dict().items():
+            if inpaint and k == "input_blocks.0.0.weight":
+                assert v.shape[1] == 9 and torch.equal(v[:, :4], ema_init[k]) and not v[:, 4:].any()
+            else:
+                assert torch.equal(v, ema_init[k]), k
+
+
+def test_two_ranks_match_one_rank_with_twice_the_batch(tmp_path):
+    """torchrun, 2 CPU ranks (gloo) × batch 2 == 1 rank × batch 4 after 3 steps: the same losses and gradient norms at
+    every step, and the same weights to float tolerance. (Adam's first steps move a parameter by ≈ lr·sign(g)
+    whatever |g|, so parameters with float-noise gradients may differ by up to a few lr: 99.9% agree to 1e-6.)"""
+    flags = ["--steps", "3", "--workers", "0", "--sample-every", "0", "--log-every", "1", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "zd.py",
+                    "train", "--out", str(tmp_path / "ddp"), "--batch-size", "2", *flags],
+                   cwd=HERE, env=env, check=True, capture_output=True, timeout=300)
+    subprocess.run([sys.executable, "zd.py", "train", "--out", str(tmp_path / "one"), "--batch-size", "4", *flags],
+                   cwd=HERE, env=env, check=True, capture_output=True, timeout=300)
+    m_ddp = [json.loads(line) for line in open(tmp_path / "ddp" / "metrics.jsonl")]
+    m_one = [json.loads(line) for line in open(tmp_path / "one" / "metrics.jsonl")]
+    for key in ("loss", "grad_norm"):
+        assert [m[key] for m in m_ddp] == pytest.approx([m[key] for m in m_one], rel=1e-5), key
+    ddp, one = _state(tmp_path / "ddp"), _state(tmp_path / "one")
+    close = total = 0
+    for k in one:
+        if k.startswith(("unet.", "ema.")):
+            torch.testing.assert_close(ddp[k], one[k], rtol=0, atol=3e-4, msg=k)
+            close += ((ddp[k] - one[k]).abs() <= 1e-6).sum().item()
+            total += one[k].numel()
+    assert close / total > 0.999
+
+
+def test_sigterm_saves_and_stops_cleanly(tmp_path):
+    """SIGTERM mid-run (as a scheduler sends it): the step finishes, checkpoints and state are written, exit code 0."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "zd.py", "train", "--out", str(out), "--steps", "100000", *TINY_TRAIN],
+                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, log
+    assert "SIGTERM at step" in log and "saving and stopping" in log
+    step = json.loads((out / "train_state.json").read_text())["step"]
+    assert 1 <= step < 100000 and model.load(out / "model_ema.safetensors").meta["prediction"] == "v"
+
+
+def test_demo_command_prints_the_brightness_table(tmp_path, capsys):
+    """`zd.py demo` (two short trainings here) prints a row per model with a mean for each prompt."""
+    rows = zd.demo(zd.parser().parse_args(["demo", "--out", str(tmp_path), "--steps", "2", "--n", "2"]))
+    assert [label for label, _ in rows] == ["zero terminal SNR schedule, v-prediction",
+                                            "SD1.5 schedule, eps-prediction"]
+    assert all(len(means) == 2 and all(0 <= m <= 255 for m in means) for _, means in rows)
+    assert "SD1.5 schedule, eps-prediction" in capsys.readouterr().out
+    assert model.load(tmp_path / "demo-sd15-eps" / "model_ema.safetensors").meta["prediction"] == "eps"
