@@ -398,7 +398,7 @@ def sample(args):
     if args.image and not (width and height):
         w, h = Image.open(args.image).size
         width, height = width or w // 64 * 64, height or h // 64 * 64
-    default = 512 if sd.vae is not None else 32           # zd's pixel-space demo models are 32×32
+    default = 512 if sd.vae is not None else 24           # zd's pixel-space demo trains at ≈24² (16×32, 24×24, 32×16)
     images = generate(sd, [args.prompt] * args.n, negative=args.negative, steps=args.steps, cfg=args.cfg,
                       rescale=args.rescale, seed=args.seed, width=width or default, height=height or default,
                       prediction=args.prediction, zero_terminal_snr=None if args.schedule is None else args.schedule == "zt",
@@ -872,7 +872,7 @@ def parser():
     s.add_argument("--seed", type=int, default=0, help='initial latent = torch.randn((n, 4, H/8, W/8), generator='
                    'torch.Generator("cpu").manual_seed(SEED)), float32, as diffusers draws it (default 0)')
     s.add_argument("--width", type=int, help="multiple of 64 (default 512, or --image's size rounded down; "
-                                             "pixel-space demo models: multiple of 8, default 32)")
+                                             "pixel-space demo models: multiple of 8, default 24)")
     s.add_argument("--height", type=int, help="as --width")
     s.add_argument("--n", type=int, default=1, help="images of the prompt, sampled as one batch (default 1)")
     s.add_argument("--out", default="sample.png", help="a .png path, or a folder for several images plus grid.png "
