@@ -16,6 +16,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -401,7 +402,8 @@ PEAK_BF16_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312}  # 
 
 def diffusers_unet_config(cfg: model.UNetConfig):
     """The UNet2DConditionModel config of a UNetConfig (SPEC §8): attention_head_dim is diffusers' name for 8 heads."""
-    down = ["CrossAttnDownBlock2D" if i in cfg.attention_levels else "DownBlock2D" for i in range(len(cfg.channel_mult))]
+    levels = range(len(cfg.channel_mult))
+    down = ["CrossAttnDownBlock2D" if i in cfg.attention_levels else "DownBlock2D" for i in levels]
     return dict(in_channels=cfg.in_channels, out_channels=cfg.out_channels, layers_per_block=cfg.num_res_blocks,
                 block_out_channels=[cfg.model_channels * m for m in cfg.channel_mult], down_block_types=down,
                 up_block_types=[b.replace("Down", "Up") for b in reversed(down)], cross_attention_dim=cfg.context_dim,
@@ -420,16 +422,18 @@ def diffusers_twin(ours, kind, cfg):
         from diffusers import AutoencoderKL
         n = len(cfg.ch_mult)
         with torch.device("meta"):
-            ref = AutoencoderKL(in_channels=cfg.in_channels, out_channels=cfg.out_channels, latent_channels=cfg.z_channels,
-                                block_out_channels=[cfg.ch * m for m in cfg.ch_mult], layers_per_block=cfg.num_res_blocks,
+            ref = AutoencoderKL(in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+                                latent_channels=cfg.z_channels, block_out_channels=[cfg.ch * m for m in cfg.ch_mult],
+                                layers_per_block=cfg.num_res_blocks,
                                 down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
                                 norm_num_groups=cfg.norm_groups)
         names = model.vae_from_diffusers(ref.state_dict())
     else:
         from transformers import CLIPTextConfig, CLIPTextModel
-        ref = CLIPTextModel(CLIPTextConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.width, num_hidden_layers=cfg.layers,
-                                           num_attention_heads=cfg.heads, intermediate_size=cfg.mlp_dim,
-                                           max_position_embeddings=cfg.positions, hidden_act="quick_gelu"))
+        ref = CLIPTextModel(CLIPTextConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.width,
+                                           num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
+                                           intermediate_size=cfg.mlp_dim, max_position_embeddings=cfg.positions,
+                                           hidden_act="quick_gelu"))
         names = {k.removeprefix("text_model."): None for k in ref.state_dict()}
     theirs, mine = ref.state_dict(), ours.state_dict()
     sd = {k: mine[ldm].view(theirs[k].shape) for k, ldm in zip(theirs, names) if ldm in mine}
@@ -498,29 +502,40 @@ OURS_CALL = lambda net, x, t, ctx: net(x, t, ctx)
 DIFFUSERS_CALL = lambda net, x, t, ctx: net(x, t, encoder_hidden_states=ctx).sample
 
 
-def train_memory(side, cfg_json, batch, size):
-    """Peak memory of two recipe steps of one side in a fresh process (`bench` runs this as a subprocess per side on
-    CPU: max RSS is a process-wide high-water mark, so two sides measured in one process would share it).
-    Prints one JSON line: the resident set before the steps and its high-water mark during them, in GB."""
+def train_memory(side, cfg_json, batch, size, device="cpu"):
+    """Peak memory of two recipe steps of one side, in a fresh process: `bench` runs this as a subprocess per side, as
+    max RSS is a process-wide high-water mark and two sides in one process would also share allocator caches.
+    Prints one JSON line, in GB: the memory in use before the steps (model, inputs) and its peak during them
+    (RSS on CPU; torch.cuda.max_memory_allocated on GPU)."""
     cfg = model.UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(cfg_json).items()})
+    cuda = device == "cuda"
+    layout = torch.channels_last if cuda else torch.contiguous_format
     torch.manual_seed(0)
     if side == "ours":
         net, call = model.UNet(cfg), OURS_CALL
     else:
         from diffusers import UNet2DConditionModel
         net, call = UNet2DConditionModel(**diffusers_unet_config(cfg)), DIFFUSERS_CALL
-    latents, context = torch.randn(batch, cfg.in_channels, size, size), torch.randn(batch, 77, cfg.context_dim)
+    net = net.to(device, memory_format=layout)
+    latents = torch.randn(batch, cfg.in_channels, size, size, device=device).to(memory_format=layout)
+    context = torch.randn(batch, 77, cfg.context_dim, device=device)
     gc.collect()
-    before = rss_gb()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")                                           # reset VmHWM to the current RSS (Linux ≥ 4.0)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / 2 ** 30
+    else:
+        before = rss_gb()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")                                       # reset VmHWM to the current RSS (Linux ≥ 4.0)
     state = trainer(net, call)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
     for step in range(2):
-        recipe_step(state, latents, context, step, "cpu", contextlib.nullcontext)
-    print(json.dumps(dict(before_gb=before, peak_gb=rss_gb("VmHWM"))))
+        recipe_step(state, latents, context, step, device, autocast)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else rss_gb("VmHWM")
+    print(json.dumps(dict(before_gb=before, peak_gb=peak)))
 
 
-def bench_sampling(unet, vae, text_encoder, size, steps, device, dtype, repeats, has_diffusers):
+def bench_sampling(unet, vae, text_encoder, size, steps, repeats, has_diffusers):
     """25-step (or `steps`) trailing DDIM with CFG 7.5 and rescale 0.7 at size², one image: zd.generate vs diffusers'
     StableDiffusionPipeline with the zero-terminal-SNR DDIM scheduler, on the same networks."""
     sd = model.SD(unet, vae, text_encoder, model.Tokenizer.default(), meta=dict(prediction="v", ztsnr=True))
@@ -528,7 +543,6 @@ def bench_sampling(unet, vae, text_encoder, size, steps, device, dtype, repeats,
     fns = {"ours": lambda: generate(sd, ["a photograph of an astronaut riding a horse"], cfg=7.5, rescale=0.7,
                                     progress=False, **kw)}
     if has_diffusers:
-        import tempfile
         from diffusers import DDIMScheduler, StableDiffusionPipeline
         from transformers import CLIPTokenizer
         vocab, merges = model.clip_vocab()
@@ -555,6 +569,11 @@ def bench_sampling(unet, vae, text_encoder, size, steps, device, dtype, repeats,
     return alternate(fns, repeats, 2 if size < 256 else 1)
 
 
+def pair(ours, theirs):
+    """The callables `alternate` times: zd's, and the reference's when there is one."""
+    return {"ours": ours} | ({"diffusers": theirs} if theirs is not None else {})
+
+
 def bench(args):
     """Time zd against diffusers/transformers on the same random weights and inputs, alternating runs, median and
     spread; peak memory of the training step; data-pipeline images/s. --quick: the tiny configs and cheap parts only."""
@@ -569,12 +588,12 @@ def bench(args):
     except ImportError:
         versions = dict(diffusers=None, transformers=None)
         print("diffusers not installed: zd's columns only", file=sys.stderr)
-    has_diffusers = versions["diffusers"] is not None
+    twin = diffusers_twin if versions["diffusers"] else (lambda *a: None)
     batch = args.batch or (8 if cuda else 1)
-    dtype = torch.bfloat16 if cuda else torch.float32
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     layout = torch.channels_last if cuda else torch.contiguous_format
+    warm = 2 if args.quick else 1
     cpu_name = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     info = dict(cpu=cpu_name, cores=os.cpu_count(), threads=torch.get_num_threads(),
                 gpu=torch.cuda.get_device_name() if cuda else None, torch=torch.__version__, **versions,
@@ -582,8 +601,8 @@ def bench(args):
                 load=os.getloadavg()[0], quick=args.quick)
     rows = []
 
-    def row(name, times, unit="s", note=""):
-        r = dict(name=name, unit=unit, note=note, ours=stats(times["ours"]), diffusers=stats(times.get("diffusers", [])))
+    def row(name, times, note=""):
+        r = dict(name=name, unit="s", note=note, ours=stats(times["ours"]), diffusers=stats(times.get("diffusers", [])))
         r["ratio"] = r["ours"]["median"] / r["diffusers"]["median"] if r["diffusers"] else None
         rows.append(r)
         if not args.json:
@@ -594,55 +613,49 @@ def bench(args):
         print("  ".join(f"{k} {v}" for k, v in info.items()))
         print(f"{'what':<44} {'zd (min–max)':>24} {'diffusers (min–max)':>24} {'zd/diffusers':>12}")
 
+    # UNet forward and forward+backward; gradients are dropped after each call, so one graph lives at a time
     torch.manual_seed(0)
-    unet_cfgs = [("tiny", model.UNetConfig.tiny(), 16)] + ([] if args.quick else [("SD1.5", model.UNetConfig(), 64)])
-    for label, cfg, lat in unet_cfgs:
-        warm = 2 if label == "tiny" else 1
+    sizes = [("tiny", model.UNetConfig.tiny(), 16)] + [("SD1.5", model.UNetConfig(), 64)] * (not args.quick)
+    for label, cfg, lat in sizes:
         unet = model.UNet(cfg).to(device, memory_format=layout).eval()
-        ref = diffusers_twin(unet, "unet", cfg) if has_diffusers else None
+        ref = twin(unet, "unet", cfg)
         x = torch.randn(batch, 4, lat, lat, device=device).to(memory_format=layout)
         t, ctx = torch.full((batch,), 500, device=device), torch.randn(batch, 77, cfg.context_dim, device=device)
-        calls = {"ours": lambda: OURS_CALL(unet, x, t, ctx)} | ({"diffusers": lambda: DIFFUSERS_CALL(ref, x, t, ctx)}
-                                                                 if ref is not None else {})
 
-        def forward(call):
+        def forward(net, call):
             with torch.no_grad(), autocast():
-                call()
+                call(net, x, t, ctx)
 
-        def train(call, net):
+        def train(net, call):
             with autocast():
-                out = call()
+                out = call(net, x, t, ctx)
             out.float().square().mean().backward()
             net.zero_grad(set_to_none=True)
 
-        row(f"UNet {label} forward, {batch}×4×{lat}×{lat}", alternate({k: (lambda c=c: forward(c)) for k, c in calls.items()},
-                                                               args.repeats, warm, sync))
-        row(f"UNet {label} forward+backward", alternate({"ours": lambda: train(calls["ours"], unet)} | (
-            {"diffusers": lambda: train(calls["diffusers"], ref)} if ref is not None else {}), args.repeats, warm, sync))
-        del unet, ref, calls
+        for name, fn in ((f"UNet {label} forward, {batch}×4×{lat}×{lat}", forward),
+                         (f"UNet {label} forward+backward", train)):
+            row(name, alternate(pair(lambda: fn(unet, OURS_CALL), ref and (lambda: fn(ref, DIFFUSERS_CALL))),
+                                args.repeats, 2 if label == "tiny" else 1, sync))
+        del unet, ref
         gc.collect()
 
+    # VAE and CLIP
     vae_cfg, clip_cfg, size = ((model.VAEConfig.tiny(), model.CLIPConfig.tiny(), 128) if args.quick else
                                (model.VAEConfig(), model.CLIPConfig(), 512))
     vae = model.VAE(vae_cfg).to(device, memory_format=layout).eval()
-    ref = diffusers_twin(vae, "vae", vae_cfg) if has_diffusers else None
+    text_encoder = model.CLIPTextModel(clip_cfg).to(device).eval()
+    ref, ref_text = twin(vae, "vae", vae_cfg), twin(text_encoder, "clip", clip_cfg)
     images = (torch.rand(1, 3, size, size, device=device) * 2 - 1).to(memory_format=layout)
     z = torch.randn(1, 4, size // 8, size // 8, device=device).to(memory_format=layout)
-    with torch.no_grad(), autocast():
-        row(f"VAE {'tiny' if args.quick else 'SD1.5'} encode 1×3×{size}²", alternate(
-            {"ours": lambda: vae.encode(images)} | ({"diffusers": lambda: ref.encode(images)} if ref else {}),
-            args.repeats, 2 if args.quick else 1, sync))
-        row(f"VAE decode 1×4×{size // 8}²", alternate(
-            {"ours": lambda: vae.decode(z)} | ({"diffusers": lambda: ref.decode(z)} if ref else {}),
-            args.repeats, 2 if args.quick else 1, sync))
-    text_encoder = model.CLIPTextModel(clip_cfg).to(device).eval()
-    ref_text = diffusers_twin(text_encoder, "clip", clip_cfg) if has_diffusers else None
     ids = model.Tokenizer.default()(["a photograph of an astronaut riding a horse"] * batch).to(device)
     with torch.no_grad(), autocast():
-        row(f"CLIP text {'tiny' if args.quick else 'ViT-L'} forward {batch}×77", alternate(
-            {"ours": lambda: text_encoder(ids)} | ({"diffusers": lambda: ref_text(ids)} if ref_text else {}),
-            args.repeats, 2 if args.quick else 1, sync))
-    del ref, ref_text
+        row(f"VAE {'tiny' if args.quick else 'SD1.5'} encode 1×3×{size}²",
+            alternate(pair(lambda: vae.encode(images), ref and (lambda: ref.encode(images))), args.repeats, warm, sync))
+        row(f"VAE decode 1×4×{size // 8}²",
+            alternate(pair(lambda: vae.decode(z), ref and (lambda: ref.decode(z))), args.repeats, warm, sync))
+        row(f"CLIP text {'tiny' if args.quick else 'ViT-L'} forward {batch}×77",
+            alternate(pair(lambda: text_encoder(ids), ref_text and (lambda: ref_text(ids))), args.repeats, warm, sync))
+    del vae, text_encoder, ref, ref_text
     gc.collect()
 
     # the training step: full size on GPU; on CPU the SD1.5 layout at half width unless --train-full, because the
@@ -653,64 +666,56 @@ def bench(args):
     lat = 16 if args.quick else 64
     torch.manual_seed(0)
     net = model.UNet(cfg).to(device, memory_format=layout)
-    sides = {"ours": trainer(net, OURS_CALL)}
-    if has_diffusers:
-        sides["diffusers"] = trainer(diffusers_twin(net, "unet", cfg).train(), DIFFUSERS_CALL)
+    ref = twin(net, "unet", cfg)
+    sides = pair(trainer(net, OURS_CALL), ref and trainer(ref.train(), DIFFUSERS_CALL))
     latents = torch.randn(batch, 4, lat, lat, device=device).to(memory_format=layout)
     context = torch.randn(batch, 77, cfg.context_dim, device=device)
     steps = iter(range(10 ** 6))
-    train_times = alternate({k: (lambda s=s: recipe_step(s, latents, context, next(steps), device, autocast))
-                             for k, s in sides.items()}, args.repeats, 2 if args.quick else 1, sync)
-    r = row(f"training step, UNet {label}, {batch}×4×{lat}×{lat}", train_times,
+    r = row(f"training step, UNet {label}, {batch}×4×{lat}×{lat}",
+            alternate({k: (lambda s=s: recipe_step(s, latents, context, next(steps), device, autocast))
+                       for k, s in sides.items()}, args.repeats, warm, sync),
             note="IP noise, v target, min-SNR, AdamW, EMA; latents and text embeddings precomputed")
     train_ips = batch / r["ours"]["median"]
     if cuda:
         from torch.utils.flop_counter import FlopCounterMode
         with FlopCounterMode(display=False) as counter:
             recipe_step(sides["ours"], latents, context, 0, device, autocast)
-        flops = counter.get_total_flops()
         peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in info["gpu"]), None)
-        memory = {}
-        for name, side in sides.items():
-            torch.cuda.reset_peak_memory_stats()
-            recipe_step(side, latents, context, 0, device, autocast)
-            memory[name] = dict(peak_gb=torch.cuda.max_memory_allocated() / 2 ** 30)
-        for name, side in sides.items():
-            rows[-1][name]["tflops"] = flops / rows[-1][name]["median"] / 1e12
-            rows[-1][name]["peak_fraction"] = rows[-1][name]["tflops"] / peak if peak else None
         info["peak_bf16_tflops"] = peak
         if peak is None:
             print(f"unknown peak for {info['gpu']}: pass --peak-tflops for the fraction of peak", file=sys.stderr)
-    del sides, net
+        for name in sides:
+            r[name]["tflops"] = counter.get_total_flops() / r[name]["median"] / 1e12
+            r[name]["peak_fraction"] = r[name]["tflops"] / peak if peak else None
+    del sides, net, ref
     gc.collect()
-    if not cuda:
-        memory = {}
-        for name in ["ours"] + (["diffusers"] if has_diffusers else []):
-            out = subprocess.run([sys.executable, "-c", f"import zd; zd.train_memory({name!r}, {json.dumps(json.dumps(dataclasses.asdict(cfg)))}, {batch}, {lat})"],
-                                 cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True, check=True)
-            memory[name] = json.loads(out.stdout.strip().splitlines()[-1])
-    rows[-1]["memory"] = memory
+    r["memory"] = {}
+    for name in ["ours"] + ["diffusers"] * bool(versions["diffusers"]):   # a fresh process per side
+        cfg_json = json.dumps(json.dumps(dataclasses.asdict(cfg)))
+        code = f"import zd; zd.train_memory({name!r}, {cfg_json}, {batch}, {lat}, {device.type!r})"
+        out = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.abspath(__file__)),
+                             capture_output=True, text=True, check=True)
+        r["memory"][name] = json.loads(out.stdout.strip().splitlines()[-1])
     if not args.json:
-        for name, m in memory.items():
-            extra = f" ({m['before_gb']:.2f} GB before the steps)" if "before_gb" in m else ""
-            tf = rows[-1][name].get("tflops")
-            tf = f"; {tf:.1f} TFLOP/s" + (f" = {rows[-1][name]['peak_fraction']:.0%} of bf16 peak"
-                                           if rows[-1][name].get('peak_fraction') else "") if tf else ""
-            print(f"  {name} peak {'GPU memory' if cuda else 'RSS'} {m['peak_gb']:.2f} GB{extra}{tf}")
+        for name, m in r["memory"].items():
+            line = f"  {name}: peak {'GPU memory' if cuda else 'RSS'} {m['peak_gb']:.2f} GB"
+            line += f" ({m['before_gb']:.2f} GB before the steps)"
+            line += f", {r[name]['tflops']:.1f} TFLOP/s" if cuda else ""
+            line += f" = {r[name]['peak_fraction']:.0%} of bf16 peak" if cuda and r[name]["peak_fraction"] else ""
+            print(line)
 
     # sampling: the full 25 steps at 512² costs ≈ 8 min per side on a 2-core CPU, so CPU runs a shorter one by default
-    full_sampling = cuda or args.sample_full
-    size, steps = (64, 2) if args.quick else (512, 25) if full_sampling else (256, 5)
+    size, steps = (64, 2) if args.quick else (512, 25) if cuda or args.sample_full else (256, 5)
+    dtype = torch.bfloat16 if cuda else torch.float32
     unet = model.UNet(model.UNetConfig.tiny() if args.quick else model.UNetConfig()).to(device, dtype).eval()
     vae = model.VAE(vae_cfg).to(device, dtype).eval()
     text_encoder = model.CLIPTextModel(clip_cfg).to(device, dtype).eval()   # tiny: width 64 = the tiny UNet's context
-    row(f"sampling {steps} steps, CFG, {size}², 1 image", bench_sampling(unet, vae, text_encoder, size, steps, device,
-                                                                         dtype, args.repeats, has_diffusers),
+    row(f"sampling {steps} steps, CFG, {size}², 1 image",
+        bench_sampling(unet, vae, text_encoder, size, steps, args.repeats, bool(versions["diffusers"])),
         note="trailing DDIM + CFG rescale, incl. text encoding and VAE decode")
     del unet, vae, text_encoder
     gc.collect()
 
-    import tempfile
     import data
     with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(sys.stderr):  # the loader's log lines
         n = 16 if args.quick else 96
