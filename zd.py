@@ -494,7 +494,7 @@ def recipe_step(unet, latents, context, step, device, autocast):
 def trainer(net, call):
     """(network, call, AdamW, EMA copy): the state a training run holds besides the frozen encoders."""
     net.train()
-    params = [p for p in net.parameters()]
+    params = list(net.parameters())
     return net, call, torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-2), [p.detach().clone() for p in params]
 
 
@@ -539,18 +539,20 @@ def bench_sampling(unet, vae, text_encoder, size, steps, repeats, has_diffusers)
     """25-step (or `steps`) trailing DDIM with CFG 7.5 and rescale 0.7 at size², one image: zd.generate vs diffusers'
     StableDiffusionPipeline with the zero-terminal-SNR DDIM scheduler, on the same networks."""
     sd = model.SD(unet, vae, text_encoder, model.Tokenizer.default(), meta=dict(prediction="v", ztsnr=True))
-    kw = dict(negative="", steps=steps, seed=0, width=size, height=size)
-    fns = {"ours": lambda: generate(sd, ["a photograph of an astronaut riding a horse"], cfg=7.5, rescale=0.7,
-                                    progress=False, **kw)}
+    prompt = ["a photograph of an astronaut riding a horse"]
+    fns = {"ours": lambda: generate(sd, prompt, negative="", steps=steps, cfg=7.5, rescale=0.7, seed=0, width=size,
+                                    height=size, progress=False)}
     if has_diffusers:
         from diffusers import DDIMScheduler, StableDiffusionPipeline
         from transformers import CLIPTokenizer
         vocab, merges = model.clip_vocab()
-        folder = tempfile.mkdtemp()
-        with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
-            json.dump(vocab, f, ensure_ascii=False)
-        with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
-            f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+        with tempfile.TemporaryDirectory() as folder:  # transformers' tokenizer reads vocab.json and merges.txt
+            with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+                json.dump(vocab, f, ensure_ascii=False)
+            with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+                f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+            tokenizer = CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
+                                      model_max_length=77)   # positional paths: SPEC §8
         scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                   rescale_betas_zero_snr=True, timestep_spacing="trailing",
                                   prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=True,
@@ -558,11 +560,9 @@ def bench_sampling(unet, vae, text_encoder, size, steps, repeats, has_diffusers)
         pipe = StableDiffusionPipeline(
             unet=diffusers_twin(unet, "unet", unet.cfg), vae=diffusers_twin(vae, "vae", vae.cfg),
             text_encoder=diffusers_twin(text_encoder, "clip", text_encoder.cfg),
-            tokenizer=CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
-                                    model_max_length=77),
-            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            tokenizer=tokenizer, scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
-        fns["diffusers"] = lambda: pipe(["a photograph of an astronaut riding a horse"], negative_prompt=[""],
+        fns["diffusers"] = lambda: pipe(prompt, negative_prompt=[""],
                                         num_inference_steps=steps, guidance_scale=7.5, guidance_rescale=0.7,
                                         width=size, height=size, output_type="np",
                                         generator=torch.Generator("cpu").manual_seed(0))
@@ -611,7 +611,7 @@ def bench(args):
 
     if not args.json:
         print("  ".join(f"{k} {v}" for k, v in info.items()))
-        print(f"{'what':<44} {'zd (min–max)':>24} {'diffusers (min–max)':>24} {'zd/diffusers':>12}")
+        print(f"{'what':<56} {'zd (min–max)':>24} {'diffusers (min–max)':>24} {'zd/diffusers':>12}")
 
     # UNet forward and forward+backward; gradients are dropped after each call, so one graph lives at a time
     torch.manual_seed(0)
@@ -734,7 +734,7 @@ def bench(args):
 def format_row(r):
     cell = lambda s: f"{s['median']:.3f} ({s['min']:.3f}–{s['max']:.3f})" if s else "—"
     ratio = f"{r['ratio']:.2f}" if r["ratio"] else "—"
-    return f"{r['name']:<44} {cell(r['ours']):>24} {cell(r['diffusers']):>24} {ratio:>12}"
+    return f"{r['name']:<56} {cell(r['ours']):>24} {cell(r['diffusers']):>24} {ratio:>12}"
 
 
 def add_marker_flags(s):
