@@ -255,9 +255,12 @@ class VAEAttention(nn.Module):
 
     def forward(self, x):
         B, C, H, W = x.shape
-        h = self.norm(x)
-        q, k, v = (conv(h).permute(0, 2, 3, 1).reshape(B, H * W, C) for conv in (self.q, self.k, self.v))
-        return x + self.proj_out(attention(q, k, v, 1).reshape(B, H, W, C).permute(0, 3, 1, 2))
+        h = self.norm(x).flatten(2).transpose(1, 2)                 # [B, H·W, C]
+        # a 1×1 conv is a linear map over channels: applied to rows of h, q, k, v come out with unit stride in C, which
+        # SDPA's flash kernel needs (permuted conv outputs send it to the slower path that materialises q·kᵀ)
+        q, k, v = (F.linear(h, conv.weight.flatten(1), conv.bias) for conv in (self.q, self.k, self.v))
+        out = F.linear(attention(q, k, v, 1), self.proj_out.weight.flatten(1), self.proj_out.bias)
+        return x + out.transpose(1, 2).reshape(B, C, H, W)
 
 
 class VAEDownsample(nn.Module):

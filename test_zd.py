@@ -1651,3 +1651,30 @@ def test_demo_model_reaches_black_and_white(tmp_path):
     black, white = (zd.generate(sd, [p] * 8, steps=25, seed=0, width=24, height=24, progress=False).float().mean().item()
                     for p in ("a plain black image", "a plain white image"))
     assert black < 30 and white > 220, (black, white)
+
+
+# ---- zd.py bench ----
+
+@pytest.mark.parametrize("with_diffusers", [True, False])
+def test_bench_quick_reports_every_part(with_diffusers):
+    """`zd.py bench --quick --json` runs end to end on the tiny configs and reports each part; without diffusers it
+    still runs zd's own columns. Timings are not asserted: they depend on the machine and its load."""
+    block = "" if with_diffusers else "import sys; sys.modules['diffusers'] = sys.modules['transformers'] = None; "
+    code = f"{block}import zd; zd.main(['bench', '--quick', '--json', '--repeats', '1', '--threads', '1'])"
+    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout)
+    assert {"cpu", "cores", "threads", "torch", "diffusers", "transformers", "dtype", "batch"} <= set(report["info"])
+    assert (report["info"]["diffusers"] is not None) == with_diffusers
+    assert with_diffusers or "diffusers not installed" in out.stderr
+    row = lambda prefix: next(r for r in report["rows"] if r["name"].startswith(prefix))
+    for prefix in ("UNet tiny forward,", "UNet tiny forward+backward", "VAE tiny encode", "VAE decode",
+                   "CLIP text tiny forward", "training step, UNet tiny", "sampling 2 steps"):
+        r = row(prefix)
+        assert len(r["ours"]["runs"]) == 1 and r["ours"]["min"] <= r["ours"]["median"] <= r["ours"]["max"]
+        assert (r["diffusers"] is not None) == with_diffusers and (r["ratio"] is not None) == with_diffusers
+    memory = row("training step")["memory"]
+    assert set(memory) == ({"ours", "diffusers"} if with_diffusers else {"ours"})
+    assert all(m["peak_gb"] >= m["before_gb"] > 0 for m in memory.values())
+    assert row("data pipeline")["data_ips"] > 0 and row("data pipeline")["train_ips"] > 0
