@@ -94,7 +94,8 @@ def eps_from_v(x_t, v, abar):
 
 def x0_eps(x_t, out, abar, prediction):
     """(x̂0, ε̂) from a model output of the given parameterisation.
-    An ε model must divide by √ᾱ, which is 0 at the zero-terminal-SNR step: refused, not turned into inf/NaN (SPEC §7.7)."""
+    An ε model must divide by √ᾱ, which is 0 at the zero-terminal-SNR step: refused, not turned into inf/NaN
+    (SPEC §7.7)."""
     if prediction == "v":
         return x0_from_v(x_t, out, abar), eps_from_v(x_t, out, abar)
     a, s = _coefs(abar, x_t)

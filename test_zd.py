@@ -19,7 +19,6 @@ import time
 import types
 import zlib
 from collections import Counter
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as zd.py sets it: spinning OpenMP threads stall on shared cores

@@ -39,72 +39,6 @@ import model  # noqa: E402
 import schedule as S  # noqa: E402
 
 
-def markers_for(args, meta):
-    """The prediction/ZTSNR markers to write: flags win, else what the input declared, else SD1.5's (ε, no ZT)."""
-    prediction = args.prediction or meta["prediction"] or "eps"
-    ztsnr = args.ztsnr if args.ztsnr is not None else bool(meta["ztsnr"])
-    return prediction, ztsnr
-
-
-def convert(args):
-    """Any SD1.5-family checkpoint (single file or diffusers folder) → an LDM single file SD front-ends load."""
-    sd = model.load(args.input, vae_path=args.vae, ema=args.ema)
-    unet = sd.unet
-    if args.inpaint:
-        if unet.cfg.in_channels != 4:
-            raise SystemExit(f"--inpaint needs a 4-channel UNet, {args.input} has {unet.cfg.in_channels}")
-        unet = model.expand_to_inpaint(unet)
-    prediction, ztsnr = markers_for(args, sd.meta)
-    model.save(args.output, unet, sd.text_encoder, sd.vae, half=args.half, prediction=prediction, ztsnr=ztsnr)
-    print(f"wrote {args.output} ({'fp16' if args.half else 'fp32'}, {unet.cfg.in_channels}-channel UNet, "
-          f"prediction {prediction}, ztsnr {ztsnr})")
-
-
-def merge(args):
-    """Add difference: A + α·(B − C) on every tensor, e.g. inpaint + (tuned − base) to start a ZD inpainting model
-    from a base finetune. Takes the markers of B (the finetune) unless flags say otherwise. Holds three models."""
-    a, b, c = (model.load(p) for p in (args.a, args.b, args.c))
-    for name in ("unet", "vae", "text_encoder"):
-        if getattr(a, name) is not None:
-            nets = [getattr(m, name).state_dict() for m in (a, b, c)]
-            getattr(a, name).load_state_dict(model.add_difference(*nets, alpha=args.alpha))
-    prediction, ztsnr = markers_for(args, b.meta)
-    model.save(args.output, a.unet, a.text_encoder, a.vae, half=args.half, prediction=prediction, ztsnr=ztsnr,
-               extra_metadata={"zd.merge": f"{args.a} + {args.alpha} * ({args.b} - {args.c})"})
-    print(f"wrote {args.output}: A + {args.alpha}·(B − C), prediction {prediction}, ztsnr {ztsnr}")
-
-
-def inspect(args):
-    """What a checkpoint is, from its header alone: layout, variant, EMA, markers, dtypes, sizes, ignored keys."""
-    try:
-        sd = model.load(args.path, device="meta", verbose=False)
-    except ValueError as e:
-        raise SystemExit(f"{args.path}: not an SD1.5-family checkpoint zd can load: {e}")
-    m = sd.meta
-    unmarked = " (unmarked: SD front-ends will sample it as ε-prediction)" if m["prediction"] is None else ""
-    row = lambda label, text: print(f"  {label:<13}{text}")
-    print(args.path)
-    row("layout", f"{m['layout']}, {'inpainting (9-channel UNet)' if m['inpaint'] else 'base'}"
-                  f"{', pixel space (no VAE)' if m['pixel_space'] else ''}")
-    row("EMA", "model_ema.* present, loaded by default" if m["ema_present"] else "no model_ema.* (one UNet)")
-    row("markers", f"prediction {m['prediction']}, ztsnr {m['ztsnr']}{unmarked}")
-    row("dtypes", ", ".join(m["dtypes"]))
-    for name in ("unet", "vae", "text_encoder"):
-        net = getattr(sd, name)
-        if net is not None:
-            params = sum(p.numel() for p in net.parameters())
-            row(name, f"{m['counts'][name]} tensors, {params:,} parameters, {net.cfg}")
-    row("ignored", f"{len(m['ignored'])} keys" + (": " + model.listing(m["ignored"]) if m["ignored"] else ""))
-    for k, v in sorted(m["metadata"].items()):
-        row("metadata", f"{k} = {v if len(v) <= 100 else v[:100] + '…'}")
-
-def add_marker_flags(s):
-    s.add_argument("--prediction", choices=["v", "eps"], help="mark the output as this (default: from the input)")
-    s.add_argument("--ztsnr", action=argparse.BooleanOptionalAction, default=None,
-                   help="mark the output as zero-terminal-SNR or not (default: from the input)")
-    s.add_argument("--half", action="store_true", help="store fp16 tensors")
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # zd.py schedule / zd.py vectors: the diffusion math, as a table to read and as golden vectors to compare against
 
@@ -136,7 +70,8 @@ def schedule(args):
 
 
 def vectors(args):
-    """Write golden test vectors (float64 schedule math, seeded cases) to a safetensors file, described in its metadata."""
+    """Write golden test vectors (float64 schedule math, seeded cases) to a safetensors file, each tensor described
+    in its metadata."""
     from safetensors.torch import save_file
     g = torch.Generator().manual_seed(args.seed)
     sd15 = S.alphas_cumprod(S.sd15_betas())
@@ -216,7 +151,8 @@ def sampling_schedule(meta, prediction=None, zero_terminal_snr=None):
     if pred is None or zt is None:                        # unmarked: what SD1.5 itself is
         pred, zt = pred or "eps", bool(zt)
         print(f"note: the checkpoint is not fully marked; assuming {'ε' if pred == 'eps' else 'v'} prediction on the "
-              f"{'zero-terminal-SNR' if zt else 'SD1.5'} schedule. Override with --prediction v|eps, --schedule zt|sd15.")
+              f"{'zero-terminal-SNR' if zt else 'SD1.5'} schedule. Override with --prediction v|eps, "
+              "--schedule zt|sd15.")
     if pred not in ("v", "eps"):
         raise ValueError(f"unknown prediction type {pred!r}: use 'v' or 'eps'")
     if pred == "eps" and zt:
@@ -267,7 +203,8 @@ def encode_prompts(sd, prompts, device):
 
 def encode_image(sd, image, generator):
     """The latent of an image in [−1, 1]: VAE_SCALE·z with z a posterior *sample* (SPEC §3), drawn from the sampling
-    generator as diffusers' pipelines do (retrieve_latents, sample_mode="sample"). Pixel-space models: the image itself."""
+    generator as diffusers' pipelines do (retrieve_latents, sample_mode="sample").
+    Pixel-space models: the image itself."""
     if sd.vae is None:
         return image
     mean, logvar = (a.float().to(image.device) for a in sd.vae.encode(on(sd.vae, image)))
@@ -318,7 +255,8 @@ def generate(sd, prompts, *, negative="", steps=25, cfg=7.5, rescale=0.7, seed=0
     if inpaint and (image is None or mask is None):
         raise ValueError("an inpainting model needs an image and a mask (white = repaint)")
     if mask is not None and not inpaint:
-        raise ValueError("a mask needs an inpainting (9-channel UNet) model; a base model takes --image alone (img2img)")
+        raise ValueError("a mask needs an inpainting (9-channel UNet) model; a base model takes --image alone "
+                         "(img2img)")
     strength = (1.0 if inpaint else 0.8) if strength is None else strength
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
@@ -406,7 +344,8 @@ def sample(args):
     default = 512 if sd.vae is not None else 24           # zd's pixel-space demo trains at ≈24² (16×32, 24×24, 32×16)
     images = generate(sd, [args.prompt] * args.n, negative=args.negative, steps=args.steps, cfg=args.cfg,
                       rescale=args.rescale, seed=args.seed, width=width or default, height=height or default,
-                      prediction=args.prediction, zero_terminal_snr=None if args.schedule is None else args.schedule == "zt",
+                      prediction=args.prediction,
+                      zero_terminal_snr=None if args.schedule is None else args.schedule == "zt",
                       image=args.image, mask=args.mask, strength=args.strength)
     for path in save_png(images, args.out, cols=min(args.n, 4)):
         print(f"wrote {path}")
@@ -494,7 +433,8 @@ def sample_noise(seed, micro_step, index, shape, inpaint=False):
 
 
 def to_device(x, device):
-    """A CPU tensor on the device without a host sync: a copy from pageable memory waits for the GPU, from pinned not."""
+    """A CPU tensor on the device without a host sync: a copy from pageable memory waits for the GPU, one from pinned
+    memory does not."""
     if device.type == "cuda" and not x.is_pinned():
         x = x.pin_memory()
     return x.to(device, non_blocking=True)
@@ -811,6 +751,103 @@ def train(args):
         if world > 1:
             torch.distributed.destroy_process_group()
     return unet, ema
+
+
+def demo(args):
+    """Train the demo twice, with the recipe (zero-terminal-SNR schedule, v-prediction) and with SD1.5's (scaled-linear
+    schedule, ε-prediction), then sample "a plain black image" and "a plain white image" from each EMA model with the
+    same sampler and seeds and print their mean pixel value (0–255). SD1.5's schedule leaves √ᾱ_999 = 0.068 of the
+    image in its noisiest input, so a model trained on it learns that the mean brightness survives in the noise, and
+    pure noise (mean 0) at sampling pulls it to mid-grey (Lin et al. 2023, §3.1)."""
+    prompts = ("a plain black image", "a plain white image")
+    rows = []
+    for name, schedule, prediction in (("demo", "zt", "v"), ("demo-sd15-eps", "sd15", "eps")):
+        out = os.path.join(args.out, name)
+        if not args.no_train:
+            train(parser().parse_args(["train", "--out", out, "--schedule", schedule, "--prediction", prediction,
+                                       "--steps", str(args.steps), "--seed", str(args.seed)]))
+        sd = model.load(os.path.join(out, "model_ema.safetensors"))
+        means = [generate(sd, [p] * args.n, steps=25, seed=args.seed, width=24, height=24, prediction=prediction,
+                          zero_terminal_snr=schedule == "zt", progress=False).float().mean().item() for p in prompts]
+        label = "zero terminal SNR" if schedule == "zt" else "SD1.5"
+        rows.append((f"{label} schedule, {prediction}-prediction", means))
+    print(f"\nmean pixel value (0–255) of {args.n} EMA samples each, 25 trailing DDIM steps, CFG 7.5, rescale 0.7:")
+    print(f"{'':40s}" + "".join(f"{repr(p):>24s}" for p in prompts))
+    print(f"{'training images':40s}{0:24.1f}{255:24.1f}")
+    for label, means in rows:
+        print(f"{label:40s}" + "".join(f"{m:24.1f}" for m in means))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# zd.py convert / merge / inspect: checkpoints between layouts, the add-difference merge, and what a file is
+
+def markers_for(args, meta):
+    """The prediction/ZTSNR markers to write: flags win, else what the input declared, else SD1.5's (ε, no ZT)."""
+    prediction = args.prediction or meta["prediction"] or "eps"
+    ztsnr = args.ztsnr if args.ztsnr is not None else bool(meta["ztsnr"])
+    return prediction, ztsnr
+
+
+def convert(args):
+    """Any SD1.5-family checkpoint (single file or diffusers folder) → an LDM single file SD front-ends load."""
+    sd = model.load(args.input, vae_path=args.vae, ema=args.ema)
+    unet = sd.unet
+    if args.inpaint:
+        if unet.cfg.in_channels != 4:
+            raise SystemExit(f"--inpaint needs a 4-channel UNet, {args.input} has {unet.cfg.in_channels}")
+        unet = model.expand_to_inpaint(unet)
+    prediction, ztsnr = markers_for(args, sd.meta)
+    model.save(args.output, unet, sd.text_encoder, sd.vae, half=args.half, prediction=prediction, ztsnr=ztsnr)
+    print(f"wrote {args.output} ({'fp16' if args.half else 'fp32'}, {unet.cfg.in_channels}-channel UNet, "
+          f"prediction {prediction}, ztsnr {ztsnr})")
+
+
+def merge(args):
+    """Add difference: A + α·(B − C) on every tensor, e.g. inpaint + (tuned − base) to start a ZD inpainting model
+    from a base finetune. Takes the markers of B (the finetune) unless flags say otherwise. Holds three models."""
+    a, b, c = (model.load(p) for p in (args.a, args.b, args.c))
+    for name in ("unet", "vae", "text_encoder"):
+        if getattr(a, name) is not None:
+            nets = [getattr(m, name).state_dict() for m in (a, b, c)]
+            getattr(a, name).load_state_dict(model.add_difference(*nets, alpha=args.alpha))
+    prediction, ztsnr = markers_for(args, b.meta)
+    model.save(args.output, a.unet, a.text_encoder, a.vae, half=args.half, prediction=prediction, ztsnr=ztsnr,
+               extra_metadata={"zd.merge": f"{args.a} + {args.alpha} * ({args.b} - {args.c})"})
+    print(f"wrote {args.output}: A + {args.alpha}·(B − C), prediction {prediction}, ztsnr {ztsnr}")
+
+
+def inspect(args):
+    """What a checkpoint is, from its header alone: layout, variant, EMA, markers, dtypes, sizes, ignored keys."""
+    try:
+        sd = model.load(args.path, device="meta", verbose=False)
+    except ValueError as e:
+        raise SystemExit(f"{args.path}: not an SD1.5-family checkpoint zd can load: {e}")
+    m = sd.meta
+    unmarked = " (unmarked: SD front-ends will sample it as ε-prediction)" if m["prediction"] is None else ""
+    row = lambda label, text: print(f"  {label:<13}{text}")
+    print(args.path)
+    row("layout", f"{m['layout']}, {'inpainting (9-channel UNet)' if m['inpaint'] else 'base'}"
+                  f"{', pixel space (no VAE)' if m['pixel_space'] else ''}")
+    row("EMA", "model_ema.* present, loaded by default" if m["ema_present"] else "no model_ema.* (one UNet)")
+    row("markers", f"prediction {m['prediction']}, ztsnr {m['ztsnr']}{unmarked}")
+    row("dtypes", ", ".join(m["dtypes"]))
+    for name in ("unet", "vae", "text_encoder"):
+        net = getattr(sd, name)
+        if net is not None:
+            params = sum(p.numel() for p in net.parameters())
+            row(name, f"{m['counts'][name]} tensors, {params:,} parameters, {net.cfg}")
+    row("ignored", f"{len(m['ignored'])} keys" + (": " + model.listing(m["ignored"]) if m["ignored"] else ""))
+    for k, v in sorted(m["metadata"].items()):
+        row("metadata", f"{k} = {v if len(v) <= 100 else v[:100] + '…'}")
+
+def add_marker_flags(s):
+    s.add_argument("--prediction", choices=["v", "eps"], help="mark the output as this (default: from the input)")
+    s.add_argument("--ztsnr", action=argparse.BooleanOptionalAction, default=None,
+                   help="mark the output as zero-terminal-SNR or not (default: from the input)")
+    s.add_argument("--half", action="store_true", help="store fp16 tensors")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # zd.py bench: zd's networks, training step and sampler against diffusers'/transformers' on the same weights and inputs
 
@@ -977,7 +1014,8 @@ def bench_sampling(unet, vae, text_encoder, size, steps, repeats, has_diffusers)
         pipe = StableDiffusionPipeline(
             unet=diffusers_twin(unet, "unet", unet.cfg), vae=diffusers_twin(vae, "vae", vae.cfg),
             text_encoder=diffusers_twin(text_encoder, "clip", text_encoder.cfg),
-            tokenizer=tokenizer, scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            tokenizer=tokenizer, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
         fns["diffusers"] = lambda: pipe(prompt, negative_prompt=[""],
                                         num_inference_steps=steps, guidance_scale=7.5, guidance_rescale=0.7,
@@ -1043,14 +1081,14 @@ def bench(args):
             with torch.no_grad(), autocast():
                 call(net, x, t, ctx)
 
-        def train(net, call):
+        def forward_backward(net, call):
             with autocast():
                 out = call(net, x, t, ctx)
             out.float().square().mean().backward()
             net.zero_grad(set_to_none=True)
 
         for name, fn in ((f"UNet {label} forward, {batch}×4×{lat}×{lat}", forward),
-                         (f"UNet {label} forward+backward", train)):
+                         (f"UNet {label} forward+backward", forward_backward)):
             row(name, alternate(pair(lambda: fn(unet, OURS_CALL), ref and (lambda: fn(ref, DIFFUSERS_CALL))),
                                 args.repeats, 2 if label == "tiny" else 1, sync))
         del unet, ref
@@ -1154,117 +1192,11 @@ def format_row(r):
     return f"{r['name']:<56} {cell(r['ours']):>24} {cell(r['diffusers']):>24} {ratio:>12}"
 
 
-def add_marker_flags(s):
-    s.add_argument("--prediction", choices=["v", "eps"], help="mark the output as this (default: from the input)")
-    s.add_argument("--ztsnr", action=argparse.BooleanOptionalAction, default=None,
-                   help="mark the output as zero-terminal-SNR or not (default: from the input)")
-    s.add_argument("--half", action="store_true", help="store fp16 tensors")
-
-
-def demo(args):
-    """Train the demo twice, with the recipe (zero-terminal-SNR schedule, v-prediction) and with SD1.5's (scaled-linear
-    schedule, ε-prediction), then sample "a plain black image" and "a plain white image" from each EMA model with the
-    same sampler and seeds and print their mean pixel value (0–255). SD1.5's schedule leaves √ᾱ_999 = 0.068 of the
-    image in its noisiest input, so a model trained on it learns that the mean brightness survives in the noise, and
-    pure noise (mean 0) at sampling pulls it to mid-grey (Lin et al. 2023, §3.1)."""
-    prompts = ("a plain black image", "a plain white image")
-    rows = []
-    for name, schedule, prediction in (("demo", "zt", "v"), ("demo-sd15-eps", "sd15", "eps")):
-        out = os.path.join(args.out, name)
-        if not args.no_train:
-            train(parser().parse_args(["train", "--out", out, "--schedule", schedule, "--prediction", prediction,
-                                       "--steps", str(args.steps), "--seed", str(args.seed)]))
-        sd = model.load(os.path.join(out, "model_ema.safetensors"))
-        means = [generate(sd, [p] * args.n, steps=25, seed=args.seed, width=24, height=24, prediction=prediction,
-                          zero_terminal_snr=schedule == "zt", progress=False).float().mean().item() for p in prompts]
-        label = "zero terminal SNR" if schedule == "zt" else "SD1.5"
-        rows.append((f"{label} schedule, {prediction}-prediction", means))
-    print(f"\nmean pixel value (0–255) of {args.n} EMA samples each, 25 trailing DDIM steps, CFG 7.5, rescale 0.7:")
-    print(f"{'':40s}" + "".join(f"{repr(p):>24s}" for p in prompts))
-    print(f"{'training images':40s}{0:24.1f}{255:24.1f}")
-    for label, means in rows:
-        print(f"{label:40s}" + "".join(f"{m:24.1f}" for m in means))
-    return rows
-
-
 def parser():
     """The command line: one subparser per subcommand, each calling a plain function of the parsed arguments."""
     p = argparse.ArgumentParser(prog="zd.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    s = sub.add_parser("schedule", help="print the noise schedule (β, ᾱ, SNR, loss weights) and the sampling timesteps",
-                       description=schedule.__doc__)
-    s.add_argument("--steps", type=int, default=10, help="number of sampling steps (default 10)")
-    s.add_argument("--spacing", choices=("trailing", "leading", "linspace"), default="trailing",
-                   help="sampling timestep spacing (default trailing, Lin et al. 2023 Table 2)")
-    s.add_argument("--offset", type=int, default=1, help="steps_offset of leading spacing (default 1, as SD1.5)")
-    s.add_argument("--no-zt", action="store_true", help="SD1.5's schedule as is, without the zero-terminal-SNR rescale")
-    s.add_argument("--gamma", type=float, default=5.0, help="min-SNR γ for the weight column (default 5)")
-    s.add_argument("--all", action="store_true", help="print all 1000 timesteps")
-    s.add_argument("--csv", action="store_true", help="all 1000 rows as CSV, full precision")
-    s.set_defaults(func=schedule)
-
-    s = sub.add_parser("vectors", help="write golden test vectors to check another trainer's math against",
-                       description=vectors.__doc__)
-    s.add_argument("--out", default="zd_vectors.safetensors", help="output file (default zd_vectors.safetensors)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the random cases (default 0)")
-    s.set_defaults(func=vectors)
-
-    s = sub.add_parser("sample", help="generate PNGs: trailing DDIM with CFG rescale, right for v/zero-terminal-SNR models",
-                       description=sample.__doc__)
-    s.add_argument("--model", required=True, help="checkpoint: single .safetensors file or diffusers folder")
-    s.add_argument("--vae", help="a separate VAE .safetensors file to use instead of the checkpoint's")
-    s.add_argument("--raw", action="store_true", help="use the raw UNet weights of a file that also has EMA weights "
-                                                      "(default: the EMA weights)")
-    s.add_argument("--prompt", required=True)
-    s.add_argument("--negative", default="", help='negative prompt (default "", SD1.5\'s unconditional input)')
-    s.add_argument("--steps", type=int, default=25, help="DDIM steps, trailing spacing from t = 999 (default 25)")
-    s.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (default 7.5; ≤ 1: none)")
-    s.add_argument("--rescale", type=float, default=0.7, help="CFG rescale φ, Lin et al. 2023 Alg. 2 (default 0.7)")
-    s.add_argument("--seed", type=int, default=0, help='initial latent = torch.randn((n, 4, H/8, W/8), generator='
-                   'torch.Generator("cpu").manual_seed(SEED)), float32, as diffusers draws it (default 0)')
-    s.add_argument("--width", type=int, help="multiple of 64 (default 512, or --image's size rounded down; "
-                                             "pixel-space demo models: multiple of 8, default 24)")
-    s.add_argument("--height", type=int, help="as --width")
-    s.add_argument("--n", type=int, default=1, help="images of the prompt, sampled as one batch (default 1)")
-    s.add_argument("--out", default="sample.png", help="a .png path, or a folder for several images plus grid.png "
-                                                       "(default sample.png)")
-    s.add_argument("--prediction", choices=("v", "eps"), help="override the checkpoint's marker (unmarked: eps)")
-    s.add_argument("--schedule", choices=("zt", "sd15"), help="override the checkpoint's marker: zero terminal SNR or "
-                                                             "SD1.5's scaled-linear (unmarked: sd15)")
-    s.add_argument("--image", help="init image: img2img for a base model, the image to inpaint for an inpainting model")
-    s.add_argument("--mask", help="inpainting mask, white = repaint (inpainting models only)")
-    s.add_argument("--strength", type=float, help="how far up the step list --image starts (default 0.8 img2img, "
-                                                  "1.0 inpainting)")
-    s.add_argument("--device", help="default cuda if available, else cpu")
-    s.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="weights' dtype (default fp16 on GPU, fp32 on "
-                                                                     "CPU); the schedule math stays fp32/float64")
-    s.set_defaults(func=sample)
-
-    s = sub.add_parser("convert", help="any SD1.5-family checkpoint → an LDM single .safetensors file")
-    s.add_argument("input", help="single .safetensors file or diffusers folder")
-    s.add_argument("output", help="output .safetensors (a sidecar .yaml is written beside it)")
-    s.add_argument("--vae", help="take the VAE from this .safetensors file")
-    ema = s.add_mutually_exclusive_group()
-    ema.add_argument("--ema", dest="ema", action="store_true", default=None, help="require and take model_ema.*")
-    ema.add_argument("--no-ema", dest="ema", action="store_false", help="take the raw UNet of a file with EMA")
-    s.add_argument("--inpaint", action="store_true", help="make a 9-channel inpainting UNet (new channels zero)")
-    add_marker_flags(s)
-    s.set_defaults(func=convert)
-
-    s = sub.add_parser("merge", help="add difference: A + α·(B − C), e.g. inpaint + (tuned − base)")
-    s.add_argument("a", help="model to add to (e.g. SD1.5 inpainting)")
-    s.add_argument("b", help="finetuned model (e.g. a ZD finetune)")
-    s.add_argument("c", help="what B was finetuned from (e.g. SD1.5)")
-    s.add_argument("output", help="output .safetensors")
-    s.add_argument("--alpha", type=float, default=1.0, help="scale of the difference (default 1)")
-    add_marker_flags(s)
-    s.set_defaults(func=merge)
-
-    s = sub.add_parser("inspect", help="what a checkpoint is: layout, variant, EMA, markers, dtypes, sizes")
-    s.add_argument("path", help="single .safetensors file or diffusers folder")
-    s.set_defaults(func=inspect)
 
     s = sub.add_parser("train", help="fine-tune SD1.5 with the ZeroDiffusion recipe (no arguments: a CPU demo)",
                        description=TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1340,7 +1272,82 @@ def parser():
     s.add_argument("--no-train", action="store_true", help="only sample the two models already in OUT")
     s.set_defaults(func=demo)
 
-    s = sub.add_parser("bench", help="time zd against diffusers/transformers: UNet, VAE, CLIP, training step, sampling, data",
+    s = sub.add_parser("sample",
+                       help="generate PNGs: trailing DDIM with CFG rescale, right for v/zero-terminal-SNR models",
+                       description=sample.__doc__)
+    s.add_argument("--model", required=True, help="checkpoint: single .safetensors file or diffusers folder")
+    s.add_argument("--vae", help="a separate VAE .safetensors file to use instead of the checkpoint's")
+    s.add_argument("--raw", action="store_true", help="use the raw UNet weights of a file that also has EMA weights "
+                                                      "(default: the EMA weights)")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--negative", default="", help='negative prompt (default "", SD1.5\'s unconditional input)')
+    s.add_argument("--steps", type=int, default=25, help="DDIM steps, trailing spacing from t = 999 (default 25)")
+    s.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (default 7.5; ≤ 1: none)")
+    s.add_argument("--rescale", type=float, default=0.7, help="CFG rescale φ, Lin et al. 2023 Alg. 2 (default 0.7)")
+    s.add_argument("--seed", type=int, default=0, help='initial latent = torch.randn((n, 4, H/8, W/8), generator='
+                   'torch.Generator("cpu").manual_seed(SEED)), float32, as diffusers draws it (default 0)')
+    s.add_argument("--width", type=int, help="multiple of 64 (default 512, or --image's size rounded down; "
+                                             "pixel-space demo models: multiple of 8, default 24)")
+    s.add_argument("--height", type=int, help="as --width")
+    s.add_argument("--n", type=int, default=1, help="images of the prompt, sampled as one batch (default 1)")
+    s.add_argument("--out", default="sample.png", help="a .png path, or a folder for several images plus grid.png "
+                                                       "(default sample.png)")
+    s.add_argument("--prediction", choices=("v", "eps"), help="override the checkpoint's marker (unmarked: eps)")
+    s.add_argument("--schedule", choices=("zt", "sd15"), help="override the checkpoint's marker: zero terminal SNR or "
+                                                             "SD1.5's scaled-linear (unmarked: sd15)")
+    s.add_argument("--image", help="init image: img2img for a base model, the image to inpaint for an inpainting model")
+    s.add_argument("--mask", help="inpainting mask, white = repaint (inpainting models only)")
+    s.add_argument("--strength", type=float, help="how far up the step list --image starts (default 0.8 img2img, "
+                                                  "1.0 inpainting)")
+    s.add_argument("--device", help="default cuda if available, else cpu")
+    s.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="weights' dtype (default fp16 on GPU, fp32 on "
+                                                                     "CPU); the schedule math stays fp32/float64")
+    s.set_defaults(func=sample)
+
+    s = sub.add_parser("schedule", help="print the noise schedule (β, ᾱ, SNR, loss weights) and the sampling timesteps",
+                       description=schedule.__doc__)
+    s.add_argument("--steps", type=int, default=10, help="number of sampling steps (default 10)")
+    s.add_argument("--spacing", choices=("trailing", "leading", "linspace"), default="trailing",
+                   help="sampling timestep spacing (default trailing, Lin et al. 2023 Table 2)")
+    s.add_argument("--offset", type=int, default=1, help="steps_offset of leading spacing (default 1, as SD1.5)")
+    s.add_argument("--no-zt", action="store_true", help="SD1.5's schedule as is, without the zero-terminal-SNR rescale")
+    s.add_argument("--gamma", type=float, default=5.0, help="min-SNR γ for the weight column (default 5)")
+    s.add_argument("--all", action="store_true", help="print all 1000 timesteps")
+    s.add_argument("--csv", action="store_true", help="all 1000 rows as CSV, full precision")
+    s.set_defaults(func=schedule)
+
+    s = sub.add_parser("vectors", help="write golden test vectors to check another trainer's math against",
+                       description=vectors.__doc__)
+    s.add_argument("--out", default="zd_vectors.safetensors", help="output file (default zd_vectors.safetensors)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the random cases (default 0)")
+    s.set_defaults(func=vectors)
+
+    s = sub.add_parser("convert", help="any SD1.5-family checkpoint → an LDM single .safetensors file")
+    s.add_argument("input", help="single .safetensors file or diffusers folder")
+    s.add_argument("output", help="output .safetensors (a sidecar .yaml is written beside it)")
+    s.add_argument("--vae", help="take the VAE from this .safetensors file")
+    ema = s.add_mutually_exclusive_group()
+    ema.add_argument("--ema", dest="ema", action="store_true", default=None, help="require and take model_ema.*")
+    ema.add_argument("--no-ema", dest="ema", action="store_false", help="take the raw UNet of a file with EMA")
+    s.add_argument("--inpaint", action="store_true", help="make a 9-channel inpainting UNet (new channels zero)")
+    add_marker_flags(s)
+    s.set_defaults(func=convert)
+
+    s = sub.add_parser("merge", help="add difference: A + α·(B − C), e.g. inpaint + (tuned − base)")
+    s.add_argument("a", help="model to add to (e.g. SD1.5 inpainting)")
+    s.add_argument("b", help="finetuned model (e.g. a ZD finetune)")
+    s.add_argument("c", help="what B was finetuned from (e.g. SD1.5)")
+    s.add_argument("output", help="output .safetensors")
+    s.add_argument("--alpha", type=float, default=1.0, help="scale of the difference (default 1)")
+    add_marker_flags(s)
+    s.set_defaults(func=merge)
+
+    s = sub.add_parser("inspect", help="what a checkpoint is: layout, variant, EMA, markers, dtypes, sizes")
+    s.add_argument("path", help="single .safetensors file or diffusers folder")
+    s.set_defaults(func=inspect)
+
+    s = sub.add_parser("bench",
+                       help="time zd against diffusers/transformers: UNet, VAE, CLIP, training step, sampling, data",
                        description=bench.__doc__)
     s.add_argument("--quick", action="store_true", help="tiny configs and cheap parts only (seconds)")
     s.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
