@@ -432,6 +432,17 @@ def sample_noise(seed, micro_step, index, shape, inpaint=False):
     return torch.stack(t), draws[:, 0], draws[:, 1], draws[:, 2], draws[:, 3] if inpaint else None
 
 
+def recipe_inputs(x0, noise, ip_noise, t, abar, snr, prediction="v", min_snr_gamma=5.0, ip_noise_gamma=0.1):
+    """The UNet input, target and loss weight of the recipe for clean latents x0 at timesteps t [B]:
+    x_t with IP noise on the input alone (Ning et al. 2023, eq. 9), the target from the clean ε (SPEC §7.4), and
+    min-SNR-γ weights from the SNR of the schedule trained on, rescaled for ZT (Hang et al. 2023; SPEC §7.1); γ = 0
+    weighs every sample 1. `zd.py bench` times the same step."""
+    x_t = S.add_noise(x0, noise, abar[t], ip_noise, ip_noise_gamma)
+    target = S.target(x0, noise, abar[t], prediction)
+    weight = S.min_snr_weight(snr[t], min_snr_gamma, prediction) if min_snr_gamma else torch.ones_like(snr[t])
+    return x_t, target, weight.float()
+
+
 def to_device(x, device):
     """A CPU tensor on the device without a host sync: a copy from pageable memory waits for the GPU, one from pinned
     memory does not."""
@@ -658,10 +669,8 @@ def train(args):
                                                                   batch["index"], shape, args.inpaint))
                 x0 = encode_pixels(sd, pixels, xi)
                 context = encode_captions(sd, batch["captions"], text_cache, args.text_cache)
-                x_t = S.add_noise(x0, noise, abar[t], ip_noise, args.ip_noise_gamma)   # IP noise: input only (Ning)
-                target = S.target(x0, noise, abar[t], args.prediction)                # clean ε (SPEC §7.4)
-                weight = (S.min_snr_weight(snr[t], args.min_snr_gamma, args.prediction) if args.min_snr_gamma
-                          else torch.ones_like(snr[t])).float()
+                x_t, target, weight = recipe_inputs(x0, noise, ip_noise, t, abar, snr, args.prediction,
+                                                    args.min_snr_gamma, args.ip_noise_gamma)
                 if args.inpaint:  # [x_t, mask, masked-image latent] (SPEC §3), the mask nearest-downsampled
                     mask = F.interpolate(to_device(batch["mask"], device), size=x_t.shape[-2:], mode="nearest")
                     masked = encode_pixels(sd, to_device(batch["masked_pixels"], device), xi_masked)
@@ -925,19 +934,17 @@ def stats(ts):
 
 def recipe_step(unet, latents, context, step, device, autocast):
     """One step of the recipe on the UNet alone (latents and text embeddings precomputed; VAE and CLIP are frozen):
-    IP noise γ = 0.1, v target from the clean ε, min-SNR-5 weights, backward, AdamW, EMA 0.9999.
+    `recipe_inputs` (IP noise γ = 0.1, v target from the clean ε, min-SNR-5 weights), backward, AdamW, EMA 0.9999.
     `unet` is (network, call, optimizer, EMA tensors); inputs are seeded by `step` so both sides see the same ones."""
     net, call, opt, ema = unet
-    abar = S.alphas_cumprod(S.betas())
+    abar = S.alphas_cumprod(S.betas()).to(device)
     g = torch.Generator().manual_seed(step)
-    B = latents.shape[0]
-    t = torch.randint(0, S.T, (B,), generator=g)
+    t = torch.randint(0, S.T, (latents.shape[0],), generator=g).to(device)
     noise, xi = (torch.randn(latents.shape, generator=g).to(device) for _ in range(2))
-    x_t = S.add_noise(latents, noise, abar[t], xi, 0.1)                  # Ning et al. 2023, eq. 9
+    x_t, target, weight = recipe_inputs(latents, noise, xi, t, abar, S.snr(abar))
     with autocast():
-        out = call(net, x_t, t.to(device), context)
-    weight = S.min_snr_weight(S.snr(abar[t]), 5.0, "v").float().to(device)
-    loss, _ = S.weighted_mse(out, S.v_target(latents, noise, abar[t]), weight)
+        out = call(net, x_t, t, context)
+    loss, _ = S.weighted_mse(out, target, weight)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
