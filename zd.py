@@ -1375,7 +1375,11 @@ def parser():
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except BrokenPipeError:   # `zd.py schedule --csv | head`: the reader has gone; say nothing more (Python docs' recipe)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 if __name__ == "__main__":
