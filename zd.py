@@ -201,15 +201,24 @@ def encode_prompts(sd, prompts, device):
     return sd.text_encoder(ids).float().to(device)
 
 
+@torch.no_grad()
+def encode_pixels(sd, pixels, xi):
+    """latent = VAE_SCALE·z, z = mean + exp(logvar/2)·ξ a posterior *sample* (Rombach et al. 2022, §3; SPEC §3),
+    in float32 whatever the VAE's dtype. Pixel-space models (the demo) take the pixels as they are."""
+    if sd.vae is None:
+        return pixels
+    mean, logvar = sd.vae.encode(pixels)
+    return model.VAE_SCALE * (mean.float() + (0.5 * logvar.float()).exp() * xi)
+
+
 def encode_image(sd, image, generator):
-    """The latent of an image in [−1, 1]: VAE_SCALE·z with z a posterior *sample* (SPEC §3), drawn from the sampling
-    generator as diffusers' pipelines do (retrieve_latents, sample_mode="sample").
-    Pixel-space models: the image itself."""
+    """The latent of an image in [−1, 1] for sampling: `encode_pixels` with ξ drawn from the sampling generator, as
+    diffusers' pipelines draw it (retrieve_latents, sample_mode="sample"). Pixel-space models: the image itself."""
     if sd.vae is None:
         return image
-    mean, logvar = (a.float().to(image.device) for a in sd.vae.encode(on(sd.vae, image)))
-    xi = torch.randn(mean.shape, generator=generator).to(image.device)
-    return model.VAE_SCALE * (mean + (0.5 * logvar).exp() * xi)
+    xi = torch.randn((len(image), sd.vae.cfg.z_channels, *(s // 8 for s in image.shape[-2:])), generator=generator)
+    vae_device = next(sd.vae.parameters()).device
+    return encode_pixels(sd, on(sd.vae, image), xi.to(vae_device)).to(image.device)
 
 
 def decode_latents(sd, latents):
@@ -449,16 +458,6 @@ def to_device(x, device):
     if device.type == "cuda" and not x.is_pinned():
         x = x.pin_memory()
     return x.to(device, non_blocking=True)
-
-
-@torch.no_grad()
-def encode_pixels(sd, pixels, xi):
-    """latent = VAE_SCALE·z, z = mean + exp(logvar/2)·ξ a posterior *sample* (Rombach et al. 2022, §3; SPEC §3);
-    the frozen VAE runs in fp32. Pixel-space models (the demo) take the pixels as they are."""
-    if sd.vae is None:
-        return pixels
-    mean, logvar = sd.vae.encode(pixels)
-    return model.VAE_SCALE * (mean.float() + (0.5 * logvar.float()).exp() * xi)
 
 
 @torch.no_grad()
