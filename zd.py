@@ -194,9 +194,9 @@ def on(module, x):
 def encode_prompts(sd, prompts, device):
     """CLIP embeddings [B, 77, C] of the prompts, warning when a prompt is cut to its first 75 tokens."""
     for p in prompts:
-        if sd.tokenizer.count(p) > 75:
-            print(f"warning: prompt truncated to 75 CLIP tokens (it has {sd.tokenizer.count(p)}): {p[:60]!r}…",
-                  file=sys.stderr)
+        n = sd.tokenizer.count(p)
+        if n > 75:
+            print(f"warning: prompt truncated to 75 CLIP tokens (it has {n}): {p[:60]!r}…", file=sys.stderr)
     ids = sd.tokenizer(prompts).to(next(sd.text_encoder.parameters()).device)
     return sd.text_encoder(ids).float().to(device)
 
