@@ -35,7 +35,6 @@ import json
 import math
 import os
 import tarfile
-import time
 import warnings
 from collections import Counter, namedtuple
 
@@ -595,32 +594,3 @@ class Loader:
                 print(f"data: warning: batch {batch['position']} had no decodable image and was skipped", flush=True)
                 continue
             yield batch
-
-
-def write_bench_jpegs(folder, n=200, seed=0):
-    """n photo-like JPEGs (smooth colour fields plus grain, quality 90) with sides 1024–1536, the input of
-    measure_throughput. Pure noise would be the wrong test: it compresses and decodes unlike photographs."""
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        w, h = (int(s) for s in rng.integers(1024, 1537, 2))
-        field = Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
-        grain = rng.normal(0, 8, (h, w, 3))
-        img = Image.fromarray(np.clip(np.asarray(field) + grain, 0, 255).astype(np.uint8))
-        img.save(os.path.join(folder, f"{i:05d}.jpg"), quality=90)
-        with open(os.path.join(folder, f"{i:05d}.txt"), "w") as f:
-            f.write(f"benchmark image {i}")
-
-
-def measure_throughput(folder, workers=2, n=200, batch_size=8, min_side=1024):
-    """Images/s of decode + bucket + crop from a folder through Loader (default buckets), after the first batch (so
-    worker start-up is excluded). Reproduces the README number."""
-    loader = Loader([folder], batch_size, workers=workers, min_side=min_side, caption_dropout=0.0)
-    it = loader.batches()
-    next(it)
-    count, t0 = 0, time.perf_counter()
-    for batch in it:
-        count += len(batch["captions"])
-        if count >= n:
-            break
-    return count / (time.perf_counter() - t0)

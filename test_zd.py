@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import bench
 import data
 import model
 import schedule as S
@@ -294,7 +295,7 @@ def test_schedule_cli(capsys):
 
 def test_cli_help_lists_every_subcommand():
     out = subprocess.run([sys.executable, "zd.py", "--help"], cwd=HERE, capture_output=True, text=True, check=True).stdout
-    commands = [c for c in ("schedule", "vectors", "convert", "merge", "inspect", "train", "sample", "bench")
+    commands = [c for c in ("schedule", "vectors", "convert", "merge", "inspect", "train", "sample", "demo")
                 if f"    {c} " in out]
     assert {"schedule", "vectors"} <= set(commands)
     for c in commands:
@@ -634,60 +635,11 @@ def test_shard_loader_with_two_workers_resumes_at_a_position(tmp_path):
 FULL = os.environ.get("ZD_FULL") == "1"
 
 
-def randomize(net, seed=0):
-    """Every parameter random (diffusers zero-initialises some), at a scale that keeps activations O(1)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if p.ndim == 1:
-                p.copy_((1.0 if name.endswith("weight") and "norm" in name else 0.0) + 0.1 * r)
-            else:
-                p.copy_(r / p[0].numel() ** 0.5)
-    return net
-
-
-def diffusers_unet_config(cfg: model.UNetConfig):
-    """The diffusers config of a model.UNetConfig (SPEC §8): attention_head_dim is diffusers' name for 8 heads."""
-    levels = range(len(cfg.channel_mult))
-    down = ["CrossAttnDownBlock2D" if i in cfg.attention_levels else "DownBlock2D" for i in levels]
-    up = [b.replace("Down", "Up") for b in reversed(down)]
-    return dict(sample_size=8, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
-                block_out_channels=[cfg.model_channels * m for m in cfg.channel_mult],
-                layers_per_block=cfg.num_res_blocks,
-                down_block_types=down, up_block_types=up, cross_attention_dim=cfg.context_dim,
-                attention_head_dim=cfg.num_heads, norm_num_groups=cfg.norm_groups, flip_sin_to_cos=True, freq_shift=0)
-
-
-def diffusers_vae_config(cfg: model.VAEConfig):
-    n = len(cfg.ch_mult)
-    return dict(in_channels=cfg.in_channels, out_channels=cfg.out_channels, latent_channels=cfg.z_channels,
-                block_out_channels=[cfg.ch * m for m in cfg.ch_mult], layers_per_block=cfg.num_res_blocks,
-                down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
-                norm_num_groups=cfg.norm_groups, sample_size=32)
-
-
-def transformers_clip_config(cfg: model.CLIPConfig):
-    from transformers import CLIPTextConfig
-    return CLIPTextConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.width, num_hidden_layers=cfg.layers,
-                          num_attention_heads=cfg.heads, intermediate_size=cfg.mlp_dim,
-                          max_position_embeddings=cfg.positions, hidden_act="quick_gelu",
-                          bos_token_id=model.BOS, eos_token_id=model.EOS, pad_token_id=1)
-
-
-def write_vocab(folder):
-    """vocab.json and merges.txt (the files a diffusers tokenizer/ folder holds) from the shipped vocabulary."""
-    vocab, merges = model.clip_vocab()
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
-                                       encoding="utf-8")
-    return str(folder / "vocab.json"), str(folder / "merges.txt")
-
-
-def hf_tokenizer(folder):
-    from transformers import CLIPTokenizer
-    return CLIPTokenizer(*write_vocab(folder), model_max_length=77)  # positional: SPEC §8
+# The oracles' configs of zd's config objects and random weights, shared with bench.py
+randomize = bench.randomize
+diffusers_unet_config, diffusers_vae_config = bench.diffusers_unet_config, bench.diffusers_vae_config
+transformers_clip_config = bench.transformers_clip_config
+hf_tokenizer = lambda folder: bench.hf_tokenizer(str(folder))
 
 
 _FOLDERS = {}
@@ -1652,14 +1604,14 @@ def test_demo_model_reaches_black_and_white(tmp_path):
     assert black < 30 and white > 220, (black, white)
 
 
-# ---- zd.py bench ----
+# ---- bench.py ----
 
 @pytest.mark.parametrize("with_diffusers", [True, False])
 def test_bench_quick_reports_every_part(with_diffusers):
-    """`zd.py bench --quick --json` runs end to end on the tiny configs and reports each part; without diffusers it
+    """`bench.py --quick --json` runs end to end on the tiny configs and reports each part; without diffusers it
     still runs zd's own columns. Timings are not asserted: they depend on the machine and its load."""
     block = "" if with_diffusers else "import sys; sys.modules['diffusers'] = sys.modules['transformers'] = None; "
-    code = f"{block}import zd; zd.main(['bench', '--quick', '--json', '--repeats', '1', '--threads', '1'])"
+    code = f"{block}import bench; bench.main(['--quick', '--json', '--repeats', '1', '--threads', '1'])"
     out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
@@ -1677,3 +1629,20 @@ def test_bench_quick_reports_every_part(with_diffusers):
     assert set(memory) == ({"ours", "diffusers"} if with_diffusers else {"ours"})
     assert all(m["peak_gb"] >= m["before_gb"] > 0 for m in memory.values())
     assert row("data pipeline")["data_ips"] > 0 and row("data pipeline")["train_ips"] > 0
+
+
+def test_gpu_script_dry_run(tmp_path):
+    """`ZD_GPU_DRYRUN=1 bash .ci/gpu` runs every part of the GPU proof on the CPU with tiny configs, so the script that
+    only a GPU machine runs in earnest cannot rot: each part ends ok and is in gpu.json and gpu.md."""
+    env = {**os.environ, "ZD_GPU_DRYRUN": "1", "OUT": str(tmp_path / "out"), "ZD_GPU_WORK": str(tmp_path / "work"),
+           "PYTHON": sys.executable}
+    run = subprocess.run(["bash", ".ci/gpu"], cwd=HERE, env=env, capture_output=True, text=True, timeout=900)
+    log = (tmp_path / "out" / "gpu.log").read_text()
+    assert run.returncode == 0, run.stdout[-2000:] + log[-4000:]
+    results = json.loads((tmp_path / "out" / "gpu.json").read_text())
+    parts = ("env", "correctness", "sampling_fp16", "train", "nan", "torchrun", "speed", "profile", "sync", "train_gc",
+             "compile")
+    assert {p: results[p]["status"] for p in parts} == {p: "ok" for p in parts}
+    assert results["train"]["--resume to 4"]["ok"] and results["nan"]["non-finite steps skipped"]["weights_unchanged"]
+    md = (tmp_path / "out" / "gpu.md").read_text()
+    assert "DRY RUN" in md and all(f"## {p}: ok" in md for p in parts)

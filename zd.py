@@ -9,16 +9,11 @@ Each subcommand is a plain function taking the parsed arguments, so a notebook c
 import argparse
 import contextlib
 import copy
-import dataclasses
-import gc
 import json
 import math
 import os
 import signal
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -373,7 +368,7 @@ TRAIN_DEFAULTS = dict(
     random_crop=False, steps=None, batch_size=None, grad_accum=1, lr=None, lr_schedule="constant", warmup=None,
     weight_decay=0.01, max_grad_norm=1.0, seed=0, save_every=None, sample_every=None, sample_prompts=None,
     sample_size=None, log_every=None, resume=False, max_bad_steps=5, text_cache=None, half=False, workers=2,
-    device=None, precision="bf16", grad_checkpointing=False)
+    device=None, precision="bf16", grad_checkpointing=False, compile=False)
 # SPEC §1 gives no optimiser numbers: lr 1e-5 with a 500-step warm-up is a common SD1.5 fine-tuning choice, not the
 # model card's; set --lr, --batch-size and --grad-accum for your hardware.
 RECIPE = dict(out="runs/zd", steps=10000, batch_size=4, lr=1e-5, warmup=500, ema_decay=0.9999, log_every=10,
@@ -391,7 +386,8 @@ DEMO = dict(data=["demo"], out="runs/demo", steps=400, batch_size=32, lr=1e-3, w
                             "a blue square on a white background"])
 DEMO_UNET = dict(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(2,), context_dim=64)
 # What a resumed run may change; everything else comes from its train_state.json.
-RESUME_MAY_CHANGE = ("steps", "save_every", "sample_every", "log_every", "workers", "device", "max_bad_steps", "resume")
+RESUME_MAY_CHANGE = ("steps", "save_every", "sample_every", "sample_prompts", "sample_size", "log_every", "workers",
+                     "device", "max_bad_steps", "resume", "compile")
 TRAIN_HELP = """Fine-tune Stable Diffusion 1.5 with the ZeroDiffusion recipe (SPEC §1): v-prediction on SD1.5's
 schedule rescaled to zero terminal SNR, min-SNR-γ loss weights, input-perturbation noise, aspect buckets of ≈512²,
 caption dropout to "", a constant EMA initialised from the checkpoint's EMA, CLIP and the VAE frozen; AdamW, warm-up.
@@ -480,13 +476,15 @@ def encode_captions(sd, captions, cache, limit):
 
 
 def init_distributed(device=None):
-    """(rank, world size, device) from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); NCCL on GPUs, gloo on
-    CPUs. A plain `python zd.py train` is rank 0 of 1."""
+    """(rank, world size, device) from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); under torchrun a process
+    group is set up, NCCL on GPUs and gloo on CPUs, even for one process. A plain `python zd.py train` is rank 0 of 1
+    without one."""
     world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
     device = torch.device(device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
+        device = torch.device("cuda", local) if device.index is None else device     # --device cuda: the rank's GPU
         torch.cuda.set_device(device)
-    if world > 1 and not torch.distributed.is_initialized():
+    if "RANK" in os.environ and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
 
@@ -526,6 +524,9 @@ def load_state(out, unet, ema, opt):
             _, i, name = k.split(".")
             opt_state["state"].setdefault(int(i), {})[name] = v
     opt.load_state_dict(opt_state)
+    for p, s in opt.state.items():   # moments in the parameter's memory format (channels-last on GPUs): fused AdamW
+        for k in ("exp_avg", "exp_avg_sq"):     # needs the same strides, and the file holds them contiguous
+            s[k] = torch.empty_like(p).copy_(s[k])
     return meta
 
 
@@ -578,6 +579,7 @@ def train(args):
     a small pixel-space model from scratch on procedural images. Returns the trained UNet and its EMA."""
     args = resolve_args(args)
     rank, world, device = init_distributed(args.device)
+    ddp = torch.distributed.is_initialized()
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # the frozen fp32 VAE/CLIP
@@ -611,8 +613,10 @@ def train(args):
         unet.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(unet).eval()
     net = unet
-    if world > 1:  # gradients averaged over ranks in backward (DDP); `unet` stays the module we step, save and EMA
+    if ddp:  # gradients averaged over ranks in backward (DDP); `unet` stays the module we step, save and EMA
         net = torch.nn.parallel.DistributedDataParallel(unet, device_ids=[device.index] if cuda else None)
+    if args.compile:
+        net = torch.compile(net)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
 
     # ---- fresh, or the saved run's weights, EMA, optimiser, step and data position
@@ -635,7 +639,8 @@ def train(args):
     batches = loader.batches(start=position + 1)
     text_cache = {}
     global_batch = args.batch_size * world * args.grad_accum
-    log(f"train: {sum(p.numel() for p in unet.parameters()):,} UNet parameters; {world} rank(s) on {device}; global "
+    log(f"train: {sum(p.numel() for p in unet.parameters()):,} UNet parameters; {world} rank(s) on {device}"
+        f"{f' (DDP, {torch.distributed.get_backend()})' if ddp else ''}; global "
         f"batch {global_batch} = {args.batch_size} per rank × {world} × {args.grad_accum} accumulated")
     log(f"train: {args.prediction}-prediction, {args.schedule} schedule, min-SNR γ {args.min_snr_gamma:g}, "
         f"IP noise γ {args.ip_noise_gamma:g}, caption dropout {args.caption_dropout:g}, EMA {args.ema_decay:g}, "
@@ -676,7 +681,7 @@ def train(args):
                     x_t = torch.cat([x_t, mask, masked], dim=1)
                 if cuda:
                     x_t = x_t.contiguous(memory_format=torch.channels_last)
-                sync_grads = micro == args.grad_accum - 1 or world == 1
+                sync_grads = micro == args.grad_accum - 1 or not ddp
                 with autocast, (contextlib.nullcontext() if sync_grads else net.no_sync()):
                     loss, per_sample = S.weighted_mse(net(x_t, t, context), target, weight)   # in fp32
                     (loss / args.grad_accum).backward()
@@ -707,7 +712,7 @@ def train(args):
             log_now = step % args.log_every == 0 or step == args.steps
             if log_now:
                 s = stats.clone()
-                if world > 1:
+                if ddp:
                     torch.distributed.all_reduce(s)
                     s[:6] /= world       # the same on every rank but the loss, whose rank mean is the global mean
                 s = s.tolist()
@@ -717,12 +722,15 @@ def train(args):
                                skipped=counters["skipped"], it_s=n / dt, samples_s=n * global_batch / dt,
                                loss_by_t={f"{w * b}-{w * (b + 1) - 1}": s[6 + b] / s[6 + T_BINS + b]
                                           for b in range(T_BINS) if s[6 + T_BINS + b]})
+                if cuda:
+                    metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
                 eta = int((args.steps - step) / max(metrics["it_s"], 1e-9))
                 if rank == 0:
                     with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
                         f.write(json.dumps(metrics) + "\n")
                     print(f"\rstep {step}/{args.steps}  loss {metrics['loss']:.4f}  lr {lr:.2e}  {metrics['it_s']:.2f} "
                           f"it/s  {metrics['samples_s']:.1f} samples/s  ETA {eta // 60}:{eta % 60:02d}"
+                          + (f"  GPU peak {metrics['gpu_mem_gb']:.1f} GB" if cuda else "")
                           + (f"  skipped {counters['skipped']}" if counters["skipped"] else "") + " ", end="",
                           flush=True)
                 if s[4] >= args.max_bad_steps:
@@ -736,11 +744,11 @@ def train(args):
                 stats[:5] = 0
                 stats[6:] = 0
                 t0, last_step = time.time(), step
-                if world > 1:
+                if ddp:
                     flag = torch.tensor(float(bool(stop)), device=device)
                     torch.distributed.all_reduce(flag)
                     stop[:] = [signal.SIGTERM] if flag.item() else []
-            if stop and (world == 1 or log_now):
+            if stop and (not ddp or log_now):
                 log(f"\ntrain: {signal.Signals(stop[0]).name} at step {step}: saving and stopping")
                 break
             if rank == 0 and step % args.save_every == 0 and step < args.steps:
@@ -756,7 +764,7 @@ def train(args):
     finally:
         for sig, h in handlers.items():
             signal.signal(sig, h)
-        if world > 1:
+        if ddp:
             torch.distributed.destroy_process_group()
     return unet, ema
 
@@ -856,348 +864,6 @@ def add_marker_flags(s):
     s.add_argument("--half", action="store_true", help="store fp16 tensors")
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# zd.py bench: zd's networks, training step and sampler against diffusers'/transformers' on the same weights and inputs
-
-PEAK_BF16_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312}  # dense, no sparsity (vendor sheets)
-
-
-def diffusers_unet_config(cfg: model.UNetConfig):
-    """The UNet2DConditionModel config of a UNetConfig (SPEC §8): attention_head_dim is diffusers' name for 8 heads."""
-    levels = range(len(cfg.channel_mult))
-    down = ["CrossAttnDownBlock2D" if i in cfg.attention_levels else "DownBlock2D" for i in levels]
-    return dict(in_channels=cfg.in_channels, out_channels=cfg.out_channels, layers_per_block=cfg.num_res_blocks,
-                block_out_channels=[cfg.model_channels * m for m in cfg.channel_mult], down_block_types=down,
-                up_block_types=[b.replace("Down", "Up") for b in reversed(down)], cross_attention_dim=cfg.context_dim,
-                attention_head_dim=cfg.num_heads, norm_num_groups=cfg.norm_groups, flip_sin_to_cos=True, freq_shift=0)
-
-
-def diffusers_twin(ours, kind, cfg):
-    """diffusers' (or transformers') network holding *the same tensors* as ours (shared storage, no copy), found by
-    running model.py's diffusers → LDM renaming over the other network's own keys (the renamers keep key order)."""
-    if kind == "unet":
-        from diffusers import UNet2DConditionModel
-        with torch.device("meta"):
-            ref = UNet2DConditionModel(**diffusers_unet_config(cfg))
-        names = model.unet_from_diffusers(ref.state_dict())
-    elif kind == "vae":
-        from diffusers import AutoencoderKL
-        n = len(cfg.ch_mult)
-        with torch.device("meta"):
-            ref = AutoencoderKL(in_channels=cfg.in_channels, out_channels=cfg.out_channels,
-                                latent_channels=cfg.z_channels, block_out_channels=[cfg.ch * m for m in cfg.ch_mult],
-                                layers_per_block=cfg.num_res_blocks,
-                                down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
-                                norm_num_groups=cfg.norm_groups)
-        names = model.vae_from_diffusers(ref.state_dict())
-    else:
-        from transformers import CLIPTextConfig, CLIPTextModel
-        ref = CLIPTextModel(CLIPTextConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.width,
-                                           num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
-                                           intermediate_size=cfg.mlp_dim, max_position_embeddings=cfg.positions,
-                                           hidden_act="quick_gelu"))
-        names = {k.removeprefix("text_model."): None for k in ref.state_dict()}
-    theirs, mine = ref.state_dict(), ours.state_dict()
-    sd = {k: mine[ldm].view(theirs[k].shape) for k, ldm in zip(theirs, names) if ldm in mine}
-    missing, _ = ref.load_state_dict(sd, strict=False, assign=True)
-    assert len(sd) == len(mine) and all("position_ids" in k for k in missing), (kind, missing)
-    return ref.to(next(ours.parameters()).device).eval()
-
-
-def rss_gb(field="VmRSS"):
-    """This process's resident set (VmRSS) or its high-water mark (VmHWM) in GB, from /proc (Linux)."""
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith(field + ":")) / 2 ** 20
-
-
-def alternate(fns, repeats, warmup=1, sync=lambda: None):
-    """{name: [seconds]} of each fn called in turn, warm-up rounds dropped; the order flips every round (ABBA) so a
-    drift in machine load falls on both sides alike. Graphs and garbage are freed between calls. Small models need
-    two warm-ups on CPU: the first calls also pay for page faults until glibc's malloc raises its mmap threshold."""
-    times = {name: [] for name in fns}
-    for r in range(warmup + repeats):
-        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-            gc.collect()
-            sync()
-            t0 = time.perf_counter()
-            fns[name]()
-            sync()
-            if r >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    return times
-
-
-def stats(ts):
-    return dict(median=statistics.median(ts), min=min(ts), max=max(ts), runs=ts) if ts else None
-
-
-def recipe_step(unet, latents, context, step, device, autocast):
-    """One step of the recipe on the UNet alone (latents and text embeddings precomputed; VAE and CLIP are frozen):
-    `recipe_inputs` (IP noise γ = 0.1, v target from the clean ε, min-SNR-5 weights), backward, AdamW, EMA 0.9999.
-    `unet` is (network, call, optimizer, EMA tensors); inputs are seeded by `step` so both sides see the same ones."""
-    net, call, opt, ema = unet
-    abar = S.alphas_cumprod(S.betas()).to(device)
-    g = torch.Generator().manual_seed(step)
-    t = torch.randint(0, S.T, (latents.shape[0],), generator=g).to(device)
-    noise, xi = (torch.randn(latents.shape, generator=g).to(device) for _ in range(2))
-    x_t, target, weight = recipe_inputs(latents, noise, xi, t, abar, S.snr(abar))
-    with autocast():
-        out = call(net, x_t, t, context)
-    loss, _ = S.weighted_mse(out, target, weight)
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    S.ema_update(ema, net.parameters(), 0.9999)
-    return loss.item()
-
-
-def trainer(net, call):
-    """(network, call, AdamW, EMA copy): the state a training run holds besides the frozen encoders."""
-    net.train()
-    params = list(net.parameters())
-    return net, call, torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-2), [p.detach().clone() for p in params]
-
-
-OURS_CALL = lambda net, x, t, ctx: net(x, t, ctx)
-DIFFUSERS_CALL = lambda net, x, t, ctx: net(x, t, encoder_hidden_states=ctx).sample
-
-
-def train_memory(side, cfg_json, batch, size, device="cpu"):
-    """Peak memory of two recipe steps of one side, in a fresh process: `bench` runs this as a subprocess per side, as
-    max RSS is a process-wide high-water mark and two sides in one process would also share allocator caches.
-    Prints one JSON line, in GB: the memory in use before the steps (model, inputs) and its peak during them
-    (RSS on CPU; torch.cuda.max_memory_allocated on GPU)."""
-    cfg = model.UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(cfg_json).items()})
-    cuda = device == "cuda"
-    layout = torch.channels_last if cuda else torch.contiguous_format
-    torch.manual_seed(0)
-    if side == "ours":
-        net, call = model.UNet(cfg), OURS_CALL
-    else:
-        from diffusers import UNet2DConditionModel
-        net, call = UNet2DConditionModel(**diffusers_unet_config(cfg)), DIFFUSERS_CALL
-    net = net.to(device, memory_format=layout)
-    latents = torch.randn(batch, cfg.in_channels, size, size, device=device).to(memory_format=layout)
-    context = torch.randn(batch, 77, cfg.context_dim, device=device)
-    gc.collect()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated() / 2 ** 30
-    else:
-        before = rss_gb()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")                                       # reset VmHWM to the current RSS (Linux ≥ 4.0)
-    state = trainer(net, call)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
-    for step in range(2):
-        recipe_step(state, latents, context, step, device, autocast)
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else rss_gb("VmHWM")
-    print(json.dumps(dict(before_gb=before, peak_gb=peak)))
-
-
-def bench_sampling(unet, vae, text_encoder, size, steps, repeats, has_diffusers):
-    """25-step (or `steps`) trailing DDIM with CFG 7.5 and rescale 0.7 at size², one image: zd.generate vs diffusers'
-    StableDiffusionPipeline with the zero-terminal-SNR DDIM scheduler, on the same networks."""
-    sd = model.SD(unet, vae, text_encoder, model.Tokenizer.default(), meta=dict(prediction="v", ztsnr=True))
-    prompt = ["a photograph of an astronaut riding a horse"]
-    fns = {"ours": lambda: generate(sd, prompt, negative="", steps=steps, cfg=7.5, rescale=0.7, seed=0, width=size,
-                                    height=size, progress=False)}
-    if has_diffusers:
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
-        from transformers import CLIPTokenizer
-        vocab, merges = model.clip_vocab()
-        with tempfile.TemporaryDirectory() as folder:  # transformers' tokenizer reads vocab.json and merges.txt
-            with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
-                json.dump(vocab, f, ensure_ascii=False)
-            with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
-                f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-            tokenizer = CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
-                                      model_max_length=77)   # positional paths: SPEC §8
-        scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                  rescale_betas_zero_snr=True, timestep_spacing="trailing",
-                                  prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=True,
-                                  steps_offset=1)
-        pipe = StableDiffusionPipeline(
-            unet=diffusers_twin(unet, "unet", unet.cfg), vae=diffusers_twin(vae, "vae", vae.cfg),
-            text_encoder=diffusers_twin(text_encoder, "clip", text_encoder.cfg),
-            tokenizer=tokenizer, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
-        fns["diffusers"] = lambda: pipe(prompt, negative_prompt=[""],
-                                        num_inference_steps=steps, guidance_scale=7.5, guidance_rescale=0.7,
-                                        width=size, height=size, output_type="np",
-                                        generator=torch.Generator("cpu").manual_seed(0))
-    return alternate(fns, repeats, 2 if size < 256 else 1)
-
-
-def pair(ours, theirs):
-    """The callables `alternate` times: zd's, and the reference's when there is one."""
-    return {"ours": ours} | ({"diffusers": theirs} if theirs is not None else {})
-
-
-def bench(args):
-    """Time zd against diffusers/transformers on the same random weights and inputs, alternating runs, median and
-    spread; peak memory of the training step; data-pipeline images/s. --quick: the tiny configs and cheap parts only."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cuda = torch.cuda.is_available() and args.device != "cpu"
-    device = torch.device("cuda" if cuda else "cpu")
-    try:
-        import diffusers
-        import transformers
-        versions = dict(diffusers=diffusers.__version__, transformers=transformers.__version__)
-    except ImportError:
-        versions = dict(diffusers=None, transformers=None)
-        print("diffusers not installed: zd's columns only", file=sys.stderr)
-    twin = diffusers_twin if versions["diffusers"] else (lambda *a: None)
-    batch = args.batch or (8 if cuda else 1)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    layout = torch.channels_last if cuda else torch.contiguous_format
-    warm = 2 if args.quick else 1
-    cpu_name = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    info = dict(cpu=cpu_name, cores=os.cpu_count(), threads=torch.get_num_threads(),
-                gpu=torch.cuda.get_device_name() if cuda else None, torch=torch.__version__, **versions,
-                dtype="bf16 autocast, channels_last" if cuda else "fp32", batch=batch, repeats=args.repeats,
-                load=os.getloadavg()[0], quick=args.quick)
-    rows = []
-
-    def row(name, times, note=""):
-        r = dict(name=name, unit="s", note=note, ours=stats(times["ours"]), diffusers=stats(times.get("diffusers", [])))
-        r["ratio"] = r["ours"]["median"] / r["diffusers"]["median"] if r["diffusers"] else None
-        rows.append(r)
-        if not args.json:
-            print(format_row(r), flush=True)
-        return r
-
-    if not args.json:
-        print("  ".join(f"{k} {v}" for k, v in info.items()))
-        print(f"{'what':<56} {'zd (min–max)':>24} {'diffusers (min–max)':>24} {'zd/diffusers':>12}")
-
-    # UNet forward and forward+backward; gradients are dropped after each call, so one graph lives at a time
-    torch.manual_seed(0)
-    sizes = [("tiny", model.UNetConfig.tiny(), 16)] + [("SD1.5", model.UNetConfig(), 64)] * (not args.quick)
-    for label, cfg, lat in sizes:
-        unet = model.UNet(cfg).to(device, memory_format=layout).eval()
-        ref = twin(unet, "unet", cfg)
-        x = torch.randn(batch, 4, lat, lat, device=device).to(memory_format=layout)
-        t, ctx = torch.full((batch,), 500, device=device), torch.randn(batch, 77, cfg.context_dim, device=device)
-
-        def forward(net, call):
-            with torch.no_grad(), autocast():
-                call(net, x, t, ctx)
-
-        def forward_backward(net, call):
-            with autocast():
-                out = call(net, x, t, ctx)
-            out.float().square().mean().backward()
-            net.zero_grad(set_to_none=True)
-
-        for name, fn in ((f"UNet {label} forward, {batch}×4×{lat}×{lat}", forward),
-                         (f"UNet {label} forward+backward", forward_backward)):
-            row(name, alternate(pair(lambda: fn(unet, OURS_CALL), ref and (lambda: fn(ref, DIFFUSERS_CALL))),
-                                args.repeats, 2 if label == "tiny" else 1, sync))
-        del unet, ref
-        gc.collect()
-
-    # VAE and CLIP
-    vae_cfg, clip_cfg, size = ((model.VAEConfig.tiny(), model.CLIPConfig.tiny(), 128) if args.quick else
-                               (model.VAEConfig(), model.CLIPConfig(), 512))
-    vae = model.VAE(vae_cfg).to(device, memory_format=layout).eval()
-    text_encoder = model.CLIPTextModel(clip_cfg).to(device).eval()
-    ref, ref_text = twin(vae, "vae", vae_cfg), twin(text_encoder, "clip", clip_cfg)
-    images = (torch.rand(1, 3, size, size, device=device) * 2 - 1).to(memory_format=layout)
-    z = torch.randn(1, 4, size // 8, size // 8, device=device).to(memory_format=layout)
-    ids = model.Tokenizer.default()(["a photograph of an astronaut riding a horse"] * batch).to(device)
-    with torch.no_grad(), autocast():
-        row(f"VAE {'tiny' if args.quick else 'SD1.5'} encode 1×3×{size}²",
-            alternate(pair(lambda: vae.encode(images), ref and (lambda: ref.encode(images))), args.repeats, warm, sync))
-        row(f"VAE decode 1×4×{size // 8}²",
-            alternate(pair(lambda: vae.decode(z), ref and (lambda: ref.decode(z))), args.repeats, warm, sync))
-        row(f"CLIP text {'tiny' if args.quick else 'ViT-L'} forward {batch}×77",
-            alternate(pair(lambda: text_encoder(ids), ref_text and (lambda: ref_text(ids))), args.repeats, warm, sync))
-    del vae, text_encoder, ref, ref_text
-    gc.collect()
-
-    # the training step: full size on GPU; on CPU the SD1.5 layout at half width unless --train-full, because the
-    # full step holds weights, gradients, two AdamW moments and the EMA (5 × 3.4 GB) plus the graph
-    cfg = (model.UNetConfig.tiny() if args.quick else
-           model.UNetConfig() if cuda or args.train_full else model.UNetConfig(model_channels=160))
-    label = "tiny" if args.quick else "SD1.5" if cfg.model_channels == 320 else "SD1.5 layout, half width"
-    lat = 16 if args.quick else 64
-    torch.manual_seed(0)
-    net = model.UNet(cfg).to(device, memory_format=layout)
-    ref = twin(net, "unet", cfg)
-    sides = pair(trainer(net, OURS_CALL), ref and trainer(ref.train(), DIFFUSERS_CALL))
-    latents = torch.randn(batch, 4, lat, lat, device=device).to(memory_format=layout)
-    context = torch.randn(batch, 77, cfg.context_dim, device=device)
-    steps = iter(range(10 ** 6))
-    r = row(f"training step, UNet {label}, {batch}×4×{lat}×{lat}",
-            alternate({k: (lambda s=s: recipe_step(s, latents, context, next(steps), device, autocast))
-                       for k, s in sides.items()}, args.repeats, warm, sync),
-            note="IP noise, v target, min-SNR, AdamW, EMA; latents and text embeddings precomputed")
-    train_ips = batch / r["ours"]["median"]
-    if cuda:
-        from torch.utils.flop_counter import FlopCounterMode
-        with FlopCounterMode(display=False) as counter:
-            recipe_step(sides["ours"], latents, context, 0, device, autocast)
-        peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in info["gpu"]), None)
-        info["peak_bf16_tflops"] = peak
-        if peak is None:
-            print(f"unknown peak for {info['gpu']}: pass --peak-tflops for the fraction of peak", file=sys.stderr)
-        for name in sides:
-            r[name]["tflops"] = counter.get_total_flops() / r[name]["median"] / 1e12
-            r[name]["peak_fraction"] = r[name]["tflops"] / peak if peak else None
-    del sides, net, ref
-    gc.collect()
-    r["memory"] = {}
-    for name in ["ours"] + ["diffusers"] * bool(versions["diffusers"]):   # a fresh process per side
-        cfg_json = json.dumps(json.dumps(dataclasses.asdict(cfg)))
-        code = f"import zd; zd.train_memory({name!r}, {cfg_json}, {batch}, {lat}, {device.type!r})"
-        out = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.abspath(__file__)),
-                             capture_output=True, text=True, check=True)
-        r["memory"][name] = json.loads(out.stdout.strip().splitlines()[-1])
-    if not args.json:
-        for name, m in r["memory"].items():
-            line = f"  {name}: peak {'GPU memory' if cuda else 'RSS'} {m['peak_gb']:.2f} GB"
-            line += f" ({m['before_gb']:.2f} GB before the steps)"
-            line += f", {r[name]['tflops']:.1f} TFLOP/s" if cuda else ""
-            line += f" = {r[name]['peak_fraction']:.0%} of bf16 peak" if cuda and r[name]["peak_fraction"] else ""
-            print(line)
-
-    # sampling: the full 25 steps at 512² costs ≈ 8 min per side on a 2-core CPU, so CPU runs a shorter one by default
-    size, steps = (64, 2) if args.quick else (512, 25) if cuda or args.sample_full else (256, 5)
-    dtype = torch.bfloat16 if cuda else torch.float32
-    unet = model.UNet(model.UNetConfig.tiny() if args.quick else model.UNetConfig()).to(device, dtype).eval()
-    vae = model.VAE(vae_cfg).to(device, dtype).eval()
-    text_encoder = model.CLIPTextModel(clip_cfg).to(device, dtype).eval()   # tiny: width 64 = the tiny UNet's context
-    row(f"sampling {steps} steps, CFG, {size}², 1 image",
-        bench_sampling(unet, vae, text_encoder, size, steps, args.repeats, bool(versions["diffusers"])),
-        note="trailing DDIM + CFG rescale, incl. text encoding and VAE decode")
-    del unet, vae, text_encoder
-    gc.collect()
-
-    import data
-    with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(sys.stderr):  # the loader's log lines
-        n = 16 if args.quick else 96
-        data.write_bench_jpegs(folder, n=n)
-        ips = data.measure_throughput(folder, workers=2, n=n // 2, batch_size=4)
-    rows.append(dict(name="data pipeline (2 workers, 1024–1536 px JPEGs)", unit="images/s", data_ips=ips,
-                     train_ips=train_ips))
-    if args.json:
-        print(json.dumps(dict(info=info, rows=rows), indent=1))
-    else:
-        print(f"data pipeline: {ips:.1f} images/s (2 workers, 1024–1536 px JPEGs → 512² buckets); "
-              f"training step: {train_ips:.2f} images/s")
-    return dict(info=info, rows=rows)
-
-
-def format_row(r):
-    cell = lambda s: f"{s['median']:.3f} ({s['min']:.3f}–{s['max']:.3f})" if s else "—"
-    ratio = f"{r['ratio']:.2f}" if r["ratio"] else "—"
-    return f"{r['name']:<56} {cell(r['ours']):>24} {cell(r['diffusers']):>24} {ratio:>12}"
-
-
 def parser():
     """The command line: one subparser per subcommand, each calling a plain function of the parsed arguments."""
     p = argparse.ArgumentParser(prog="zd.py", description=__doc__.split("\n\n")[0],
@@ -1267,6 +933,8 @@ def parser():
     g.add_argument("--precision", choices=("bf16", "fp32"), help="UNet autocast on GPUs (default bf16; CPUs fp32)")
     g.add_argument("--grad-checkpointing", action="store_true", default=None,
                    help="recompute activations in the backward pass: less memory, ~30%% slower")
+    g.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the UNet (opt-in: compiles once per bucket shape before it pays off)")
     s.set_defaults(func=train)
 
     s = sub.add_parser("demo", help="train the demo with ZT/v and with SD1.5's schedule/ε; compare black and white",
@@ -1352,23 +1020,6 @@ def parser():
     s.add_argument("path", help="single .safetensors file or diffusers folder")
     s.set_defaults(func=inspect)
 
-    s = sub.add_parser("bench",
-                       help="time zd against diffusers/transformers: UNet, VAE, CLIP, training step, sampling, data",
-                       description=bench.__doc__)
-    s.add_argument("--quick", action="store_true", help="tiny configs and cheap parts only (seconds)")
-    s.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
-    s.add_argument("--repeats", type=int, default=3, help="timed runs per side after one warm-up (default 3)")
-    s.add_argument("--batch", type=int, help="UNet batch (default 1 on CPU, 8 on GPU)")
-    s.add_argument("--device", choices=("cuda", "cpu"), help="default cuda if available")
-    s.add_argument("--threads", type=int, help="torch CPU threads (default torch's: the cores); on a shared machine "
-                   "fewer threads than cores avoids waits on a descheduled thread in every op")
-    s.add_argument("--train-full", action="store_true", help="CPU: time the training step at full SD1.5 width "
-                   "(≈ 25 GB RAM per side) instead of half width")
-    s.add_argument("--sample-full", action="store_true", help="CPU: sample 25 steps at 512² (≈ 8 min per side) "
-                   "instead of 5 steps at 256²; always on GPU")
-    s.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, for the fraction of peak "
-                   "(default: looked up for H100/H200/A100)")
-    s.set_defaults(func=bench)
     return p
 
 
