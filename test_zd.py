@@ -648,6 +648,33 @@ def test_drawn_feeds_a_step_that_draws_its_own_noise():
     assert torch.randn(3).shape == (3,) and torch.randint(0, 5, (2,)).shape == (2,)
 
 
+def _readme_block(after):
+    """The first ```python block of README.md after the line that starts with `after`."""
+    text = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    text = text[text.index(after):]
+    return text[text.index("```python\n") + 10:text.index("```\n", text.index("```python\n") + 10)]
+
+
+def test_readme_snippet_runs_verbatim(tmp_path, monkeypatch):
+    """README's snippet for a trainer's own test passes, verbatim, on diffusers' float32 scheduler."""
+    monkeypatch.chdir(tmp_path)
+    zd.main(["vectors"])
+    exec(compile(_readme_block("### The vectors in your own tests"), "README.md", "exec"), {})
+
+
+def test_readme_shows_the_diffusers_adapter_and_its_table(capsys):
+    """README shows the adapters above verbatim, and its table's verdicts are those `zd.py check` prints now."""
+    import inspect
+    readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    assert inspect.getsource(Diffusers) + "\n\n" + inspect.getsource(DiffusersEps) in readme
+    with pytest.raises(SystemExit):
+        zd.main(["check", "test_zd:Diffusers"])
+    lines = readme[readme.index("    $ python zd.py check test_zd:Diffusers\n"):].splitlines()[1:]
+    shown = "\n".join(x[4:] for x in lines[:next(i for i, x in enumerate(lines) if not x.startswith("    "))])
+    rows = lambda text: [(x[2:25].strip(), x[66:]) for x in text.splitlines() if x[2:25].strip() in QUANTITIES]
+    assert len(rows(shown)) == len(QUANTITIES) and rows(shown) == rows(capsys.readouterr().out)
+
+
 def test_schedule_cli(capsys):
     zd.main(["schedule", "--steps", "13"])
     out = capsys.readouterr().out
