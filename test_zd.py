@@ -620,13 +620,22 @@ class _NeedsArguments:
         pass
 
 
-def test_check_cli_exit_status_and_table():
-    """The command line: a table, the known mistake explained under it, exit status 1; no traceback."""
-    r = subprocess.run([sys.executable, "zd.py", "check", "test_zd:PrevTStride"], cwd=HERE, capture_output=True,
-                       text=True)
-    assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert "sampler_step(N = 13)" in r.stdout and "matches known mistake prev_t_stride" in r.stdout
-    assert "first difference at [0, 0, 0, 0], t = 999" in r.stdout and "prev_t_stride: DDIM steps" in r.stdout
+def test_check_cli_exit_status_and_table(tmp_path):
+    """The command line on a path/to/file.py:OBJECT: a table, the known mistake explained under it, exit status 1 and
+    no traceback; the same adapter corrected exits 0."""
+    (tmp_path / "my_adapter.py").write_text(
+        "import torch\n\n\nclass Leading:\n    def sampling_timesteps(self, n):\n"
+        "        return torch.arange(n - 1, -1, -1) * (1000 // n) + 1\n\n\n"
+        "class Trailing:\n    def sampling_timesteps(self, n):\n"
+        "        return torch.tensor([round(1000 - i * 1000 / n) - 1 for i in range(n)])\n")
+    run = lambda name: subprocess.run([sys.executable, os.path.join(HERE, "zd.py"), "check", f"my_adapter.py:{name}"],
+                                      cwd=tmp_path, capture_output=True, text=True)
+    r = run("Leading")
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "0 of 4 quantities ok" in r.stdout
+    assert "sampling_timesteps(13)  int64" in r.stdout and "matches known mistake leading_spacing_on_zt" in r.stdout
+    assert "first difference at [0]: zd 999, theirs 913" in r.stdout and "leading_spacing_on_zt: leading" in r.stdout
+    r = run("Trailing")
+    assert r.returncode == 0 and "4 of 4 quantities ok" in r.stdout and "not provided: prediction, alphas" in r.stdout
 
 
 def test_drawn_feeds_a_step_that_draws_its_own_noise():
