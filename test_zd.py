@@ -276,6 +276,10 @@ def test_vectors_file(tmp_path):
         assert set(tol) == {"float64", "float32"} and (tol["float32"] == [0, 0]) == (not v[k].is_floating_point())
         assert meta["zd.description"][k]["description"] and meta["zd.description"][k]["shape"] == list(v[k].shape)
     assert v["timesteps.trailing.13"].tolist()[:3] == [999, 922, 845] and v["ddim.t_prev"].tolist()[:2] == [899, 799]
+    for n in (10, 13, 25, 50):
+        ts = v[f"timesteps.trailing.{n}"].tolist()
+        assert v[f"timesteps.trailing_prev.{n}"].tolist() == ts[1:] + [-1]
+        assert v[f"mistake.prev_t_stride.timesteps.trailing_prev.{n}"].tolist()[:2] == [999 - 1000 // n, ts[1] - 1000 // n]
     # independent recomputation
     for s in ("zt", "sd15"):
         a = DDPMScheduler(**SD15, rescale_betas_zero_snr=s == "zt").alphas_cumprod.double()

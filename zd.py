@@ -133,8 +133,12 @@ def golden(seed=0):
     bad("eps_weight_on_v", "zt.min_snr_weight.v", snr.clamp(max=5.0) / snr)                  # 0/0 = NaN at t = 999
     bad("eps_weight_nan_at_zero_snr", "zt.min_snr_weight.eps", snr.clamp(max=5.0) / snr)
     for n in N_STEPS:
-        put(f"timesteps.trailing.{n}", S.timesteps(n), f"the {n} trailing timesteps (Lin et al. 2023, Table 2)")
+        ts = S.timesteps(n)
+        put(f"timesteps.trailing.{n}", ts, f"the {n} trailing timesteps (Lin et al. 2023, Table 2)")
+        put(f"timesteps.trailing_prev.{n}", torch.tensor([S.prev_timestep(ts, i) for i in range(n)]), "the t_prev of "
+            f"each of timesteps.trailing.{n}: the next in the list, −1 (ᾱ_prev = 1) after the last")
         bad("leading_spacing_on_zt", f"timesteps.trailing.{n}", S.timesteps(n, "leading"))    # offset 1
+        bad("prev_t_stride", f"timesteps.trailing_prev.{n}", (ts - S.T // n).clamp(min=-1))
 
     t, x0, eps, xi = torch.tensor([0, 1, 139, 500, 998, 999]), rand(6, 4, 8, 8), rand(6, 4, 8, 8), rand(6, 4, 8, 8)
     put("forward.x0", x0, "clean latents x0 [6, 4, 8, 8]")
@@ -374,7 +378,8 @@ def drawn(seed=0):
 
 def check_command(args):
     """Check other trainers' math against zd's, quantity by quantity, with a verdict and the name of any known mistake.
-    Exit status 0 only if every quantity of every object is ok."""
+    Exit status 0 only if every quantity of every object is ok. What each member takes and returns: README, "Check
+    your trainer against zd"."""
     ok = True
     for spec in args.target:
         rows = check(obj := load_object(spec), args.seed)
