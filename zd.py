@@ -77,11 +77,11 @@ MISTAKES = {  # id: the mistake, its pitfall in the README's list, and what it d
     "every t is weighted by another schedule's SNR, and t = 999, pure noise after the rescale, as if it still held "
     "√ᾱ = 6.8% of the image (v weight 0.0047 instead of 0).",
     "min_snr_plus_one": "the v weight written min(SNR + 1, γ)/(SNR + 1), not min(SNR, γ)/(SNR + 1) (pitfall 3; Hang et "
-    "al. 2023): every t with SNR < γ − 1, t = 999 included, weighs 1, so the noisiest steps count as much as the "
-    "clean ones, the imbalance min-SNR exists to remove.",
-    "eps_weight_on_v": "the ε form min(SNR, γ)/SNR applied to a v loss (pitfall 3): a v loss already carries a factor "
-    "SNR + 1 (Hang et al. 2023), so high-noise steps are over-weighted up to 1/ᾱ-fold, and at SNR = 0 the weight is "
-    "0/0 = NaN, which makes the batch's loss and gradients NaN.",
+    "al. 2023): every t with SNR ≤ γ − 1, t = 999 included, weighs 1 instead of SNR/(SNR + 1), so the noisiest steps, "
+    "which min-SNR weighs least, get the largest weight.",
+    "eps_weight_on_v": "the ε form min(SNR, γ)/SNR applied to a v loss (pitfall 3): it is 1/ᾱ times the v weight "
+    "min(SNR, γ)/(SNR + 1) (Hang et al. 2023), so the noisiest steps are over-weighted without bound, and at SNR = 0 "
+    "it is 0/0 = NaN, which makes the batch's loss and gradients NaN.",
     "eps_weight_nan_at_zero_snr": "the ε weight min(SNR, γ)/SNR evaluated at SNR = 0 (pitfall 2): 0/0 = NaN at "
     "t = 999 on a zero-terminal-SNR schedule, so one such sample makes the batch's loss and all gradients NaN. The "
     "weight's limit there is 1.",
@@ -89,14 +89,14 @@ MISTAKES = {  # id: the mistake, its pitfall in the README's list, and what it d
     "(2023) build the target from the clean ε; perturbing both is plain noise augmentation and undoes the "
     "exposure-bias correction IP is for.",
     "prev_t_stride": "DDIM steps from t to t − 1000//N, not to the next timestep of the list (pitfall 6): when N does "
-    "not divide 1000 steps land one off (N = 13: 999 → 923, not 922) and the last lands on t = 0 instead of returning "
-    "x̂0 (ᾱ_prev = 1), so the sampler leaves the trailing schedule it was given.",
+    "not divide 1000 steps land one off (N = 13: 999 → 923, not 922) and the last can land on t = 0 (N = 13: 76 → 0) "
+    "instead of returning x̂0 (ᾱ_prev = 1), so the sampler leaves the trailing schedule it was given.",
     "leading_spacing_on_zt": "leading spacing i·(1000//N) + 1, SD1.5's default, on a zero-terminal-SNR model (pitfall "
-    "6; Lin et al. 2023, Table 2): sampling never starts at t = 999, the one step whose input is pure noise, so pure "
-    "noise enters where the model expects signal and SD1.5's mid-grey bias comes back.",
+    "6; Lin et al. 2023, §3.3 and Table 2): sampling never starts at t = 999, so the model is handed pure noise at a "
+    "timestep where it expects some signal, which gives up what the rescale is for.",
     "sd15_abar_in_zt_sampler": "the sampler uses SD1.5's ᾱ instead of the trained, rescaled one (pitfall 9): at "
-    "t = 999 it reads pure noise as holding 6.8% of the image and at every t it mixes x̂0 and ε̂ with wrong "
-    "coefficients, so the model's samples lose the brightness range it was trained for.",
+    "t = 999 it reads pure noise as holding √ᾱ = 6.8% of the image, and at every t it mixes x̂0 and ε̂ with the "
+    "coefficients of a schedule the model was not trained on.",
     "ema_warmup": "EMA warm-up, decay 0 at the first update and (1 + s)/(10 + s) at the s-th after it (pitfall 5): the "
     "first update replaces the EMA's initialisation (SD1.5's EMA weights) by the current weights, and the decay stays "
     "below 0.9999 for 90,000 updates, so the EMA averages far fewer steps than the recipe's.",
