@@ -590,21 +590,24 @@ class _Broken(Recipe32):
 
 
 class _Partial:
+    prediction = "x0"
+
     def alphas_cumprod(self):
         return Recipe32().abar
 
 
 def test_check_reports_a_raising_method_in_its_row(capsys):
-    """A method that raises, or returns the wrong shape, is reported in its row; the others are still checked; members
-    an object lacks are skipped and listed."""
+    """A method that raises, or returns the wrong shape, or a prediction type that is neither v nor ε, is reported in
+    its row; the others are still checked, and members an object lacks are skipped."""
     status, rows = _check_json(capsys, "_Broken")
     assert status == 1 and rows["_Broken"]["loss_weight"]["verdict"] == "error"
     assert "RuntimeError: no weights here" in rows["_Broken"]["loss_weight"]["note"]
     assert rows["_Broken"]["target"]["verdict"] == "differs" and "shape" in rows["_Broken"]["target"]["note"]
     assert rows["_Broken"]["loss"]["verdict"] == "error" and rows["_Broken"]["noisy_input"]["verdict"] == "ok"
-    zd.main(["check", "test_zd:_Partial"])                   # returns: exit status 0
-    out = capsys.readouterr().out
-    assert "1 of 1 quantities ok" in out and "not provided: prediction, loss_weight, noisy_input" in out
+    status, rows = _check_json(capsys, "_Partial")
+    assert status == 1 and rows["_Partial"]["prediction"]["verdict"] == "error"
+    assert "'x0' is neither 'v' nor 'eps'" in rows["_Partial"]["prediction"]["note"]
+    assert rows["_Partial"]["alphas_cumprod"]["verdict"] == "ok" and len(rows["_Partial"]) == 2
 
 
 @pytest.mark.parametrize("spec,message", [("test_zd", "is not MODULE:OBJECT"), ("no_such_module:X", "cannot get X"),

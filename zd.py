@@ -119,8 +119,9 @@ def golden(seed=0):
     bad = lambda id, name, x: put(f"mistake.{id}.{name}", x, f"{name} with mistake {id}: {MISTAKES[id]}")
 
     sched = {"sd15": S.alphas_cumprod(S.sd15_betas()), "zt": S.alphas_cumprod(S.betas())}
-    for s, what in (("sd15", "SD1.5's scaled-linear schedule"), ("zt", "SD1.5's rescaled to zero terminal SNR")):
-        put(f"{s}.betas", S.betas(s == "zt"), f"β_t, t = 0..999, of {what} (Lin et al. 2023, Alg. 1)")
+    for s, what in (("sd15", "SD1.5's scaled-linear schedule"),
+                    ("zt", "SD1.5's schedule rescaled to zero terminal SNR (Lin et al. 2023, Alg. 1)")):
+        put(f"{s}.betas", S.betas(s == "zt"), f"β_t, t = 0..999, of {what}")
         put(f"{s}.alphas_cumprod", sched[s], f"ᾱ_t of {what}")
         put(f"{s}.snr", S.snr(sched[s]), f"SNR_t = ᾱ/(1−ᾱ) of {what}")
         for p in ("v", "eps", "x0"):
@@ -156,10 +157,10 @@ def golden(seed=0):
     bad("ip_noise_in_target", "forward.eps_target", eps + 0.1 * xi)
 
     s = torch.arange(1.0, 7.0, dtype=torch.float64).view(-1, 1, 1, 1)
-    loss = lambda tgt, w: (w[t] * (out - tgt).pow(2).mean(dim=(1, 2, 3))).mean()   # MSE → weight → batch mean
     for p in ("v", "eps"):
         tgt, w = v[f"forward.{p}_target"], v[f"zt.min_snr_weight.{p}"]
         out = tgt - s * xi
+        loss = lambda tgt, w: (w[t] * (out - tgt).pow(2).mean(dim=(1, 2, 3))).mean()   # MSE → weight → batch mean
         put(f"loss.model_output.{p}", out, f"{p} model output of the loss case: forward.{p}_target − s·ξ, "
             "s = 1..6 by sample, so that weight mistakes cannot cancel across the batch and ξ in a target always shows")
         put(f"loss.{p}", loss(tgt, w), f"mean_b w_b·mean_CHW(loss.model_output.{p} − "
@@ -284,11 +285,12 @@ def check(obj, seed=0):
     rows, pred = [], "v"
     if hasattr(obj, "prediction"):
         try:
-            pred = obj.prediction() if callable(obj.prediction) else obj.prediction
-            assert pred in ("v", "eps"), f"prediction is {pred!r}, not 'v' or 'eps'"
+            theirs = obj.prediction() if callable(obj.prediction) else obj.prediction
+            assert theirs in ("v", "eps"), f"{theirs!r} is neither 'v' nor 'eps'"
+            pred = theirs
+            rows.append({"quantity": "prediction", "verdict": "ok" if pred == "v" else "differs", "theirs": pred})
         except Exception as e:
-            return [{"quantity": "prediction", "verdict": "error", "note": f"{type(e).__name__}: {e}"}]
-        rows.append({"quantity": "prediction", "verdict": "ok" if pred == "v" else "differs", "theirs": pred})
+            rows.append({"quantity": "prediction", "verdict": "error", "note": f"{type(e).__name__}: {e}; rows below: v"})
         if pred == "eps":
             rows[0]["note"] = "the recipe is v; ε cannot be sampled from t = 999 (pitfall 7). Rows below: ε's formulas"
     for quantity, member, name, sel, call, labels in check_cases(v, pred):
