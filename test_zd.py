@@ -42,7 +42,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 from diffusers import DDIMScheduler, DDPMScheduler  # noqa: E402
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg  # noqa: E402
-from diffusers.training_utils import compute_snr  # noqa: E402
+from diffusers.training_utils import EMAModel, compute_snr  # noqa: E402
 
 SD15 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 ZT = S.alphas_cumprod(S.betas())
@@ -251,36 +251,445 @@ def test_ema_closed_form_and_no_warmup():
     assert 0 < S.ema_decay(1, warmup=True) < 0.9999
 
 
-def test_vectors_file(tmp_path):
-    """The golden-vector file has the issue's tensors, each described, and they agree with independent recomputation."""
-    out = tmp_path / "v.safetensors"
-    zd.main(["vectors", "--out", str(out)])
+def _vectors_file(path):
+    zd.main(["vectors", "--out", str(path)])
     from safetensors import safe_open
-    with safe_open(str(out), "pt") as f:
-        desc = json.loads(f.metadata()["zd.description"])
-        v = {k: f.get_tensor(k) for k in f.keys()}
-    required = ["sd15.alphas_cumprod", "zt.betas", "zt.alphas_cumprod", "zt.snr", "zt.min_snr_weight.v",
-                "zt.min_snr_weight.eps", "timesteps.trailing.10", "timesteps.trailing.13", "timesteps.trailing.25",
-                "timesteps.trailing.50", "forward.x0", "forward.noise", "forward.ip_noise", "forward.t",
-                "forward.x_t", "forward.v_target", "cfg.uncond", "cfg.cond", "cfg.out", "ddim.x_t", "ddim.model_v",
-                "ddim.t", "ddim.t_prev", "ddim.x_prev"]
-    assert set(required) <= set(v) and set(desc) == set(v)
-    for k in ("zt.betas", "zt.alphas_cumprod", "zt.snr", "sd15.alphas_cumprod"):
-        assert v[k].dtype == torch.float64 and v[k].shape == (1000,)
-    assert v["timesteps.trailing.13"].dtype == torch.int64 and v["timesteps.trailing.13"][0].item() == 999
-    assert {0, 500, 998, 999} <= set(v["forward.t"].tolist())
-    a = v["zt.alphas_cumprod"][v["forward.t"]].view(-1, 1, 1, 1)
-    x0, eps, xi = v["forward.x0"], v["forward.noise"], v["forward.ip_noise"]
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, {k: json.loads(m) for k, m in f.metadata().items()}
+
+
+def test_vectors_file(tmp_path):
+    """The golden-vector file: every convention on its own case, every tensor described and given tolerances, and the
+    values agree with an independent recomputation (a second formula, or diffusers)."""
+    v, meta = _vectors_file(tmp_path / "v.safetensors")
+    required = ["sd15.alphas_cumprod", "sd15.min_snr_weight.v", "sd15.min_snr_weight.eps", "zt.betas",
+                "zt.alphas_cumprod", "zt.snr", "zt.min_snr_weight.v", "zt.min_snr_weight.eps", "forward.x0",
+                "forward.noise", "forward.ip_noise", "forward.t", "forward.x_t", "forward.x_t_no_ip",
+                "forward.v_target", "forward.eps_target", "forward.sd15.x_t", "forward.sd15.v_target", "loss.v",
+                "loss.eps", "cfg.out", "cfg.out_no_rescale", "ddim.n", "ddim.t", "ddim.t_prev", "ddim.abar_t",
+                "ddim.abar_prev", "ddim.x0_hat", "ddim.eps_hat", "ddim.x_prev.v", "ddim.x_prev.eps", "ema.out"]
+    required += [f"timesteps.trailing.{n}" for n in (10, 13, 25, 50)]
+    assert set(required) <= set(v) and set(meta["zd.description"]) == set(meta["zd.tolerances"]) == set(v)
+    assert {k.split(".")[1] for k in v if k.startswith("mistake.")} == set(meta["zd.mistakes"]) == {
+        "snr_before_rescale", "min_snr_plus_one", "eps_weight_on_v", "eps_weight_nan_at_zero_snr", "ip_noise_in_target",
+        "prev_t_stride", "leading_spacing_on_zt", "sd15_abar_in_zt_sampler", "ema_warmup"}
+    for k, tol in meta["zd.tolerances"].items():
+        assert set(tol) == {"float64", "float32"} and (tol["float32"] == [0, 0]) == (not v[k].is_floating_point())
+        assert meta["zd.description"][k]["description"] and meta["zd.description"][k]["shape"] == list(v[k].shape)
+    assert v["timesteps.trailing.13"].tolist()[:3] == [999, 922, 845] and v["ddim.t_prev"].tolist()[:2] == [899, 799]
+    for n in (10, 13, 25, 50):
+        ts = v[f"timesteps.trailing.{n}"].tolist()
+        assert v[f"timesteps.trailing_prev.{n}"].tolist() == ts[1:] + [-1]
+        assert v[f"mistake.prev_t_stride.timesteps.trailing_prev.{n}"].tolist()[:2] == [999 - 1000 // n, ts[1] - 1000 // n]
+    # independent recomputation
+    for s in ("zt", "sd15"):
+        a = DDPMScheduler(**SD15, rescale_betas_zero_snr=s == "zt").alphas_cumprod.double()
+        torch.testing.assert_close(v[f"{s}.alphas_cumprod"], a, rtol=1e-5, atol=1e-6)
+        w = torch.minimum(v[f"{s}.alphas_cumprod"], 5 * (1 - v[f"{s}.alphas_cumprod"]))
+        torch.testing.assert_close(v[f"{s}.min_snr_weight.v"], w, rtol=1e-12, atol=1e-15)
+    t, x0, eps, xi = v["forward.t"], v["forward.x0"], v["forward.noise"], v["forward.ip_noise"]
+    a = v["zt.alphas_cumprod"][t].view(-1, 1, 1, 1)
     torch.testing.assert_close(v["forward.x_t"], a.sqrt() * x0 + (1 - a).sqrt() * (eps + 0.1 * xi))
+    torch.testing.assert_close(v["forward.x_t_no_ip"], a.sqrt() * x0 + (1 - a).sqrt() * eps)
     torch.testing.assert_close(v["forward.v_target"], a.sqrt() * eps - (1 - a).sqrt() * x0)
+    for p in ("v", "eps"):
+        mse = (v[f"loss.model_output.{p}"] - v[f"forward.{p}_target"]).pow(2).flatten(1).mean(1)
+        torch.testing.assert_close(v[f"loss.{p}"], (v[f"zt.min_snr_weight.{p}"][t] * mse).sum() / len(t))
     u, c = v["cfg.uncond"], v["cfg.cond"]
     torch.testing.assert_close(v["cfg.out"], rescale_noise_cfg(u + 7.5 * (c - u), c, 0.7))
-    at = v["zt.alphas_cumprod"][v["ddim.t"]].view(-1, 1, 1, 1)
-    ap = torch.stack([v["zt.alphas_cumprod"][t] if t >= 0 else torch.tensor(1.0, dtype=torch.float64)
-                      for t in v["ddim.t_prev"].tolist()]).view(-1, 1, 1, 1)
-    x_t, m = v["ddim.x_t"], v["ddim.model_v"]
-    x0_hat, eps_hat = at.sqrt() * x_t - (1 - at).sqrt() * m, (1 - at).sqrt() * x_t + at.sqrt() * m
-    torch.testing.assert_close(v["ddim.x_prev"], ap.sqrt() * x0_hat + (1 - ap).sqrt() * eps_hat)
+    at, ap = v["ddim.abar_t"].view(-1, 1, 1, 1), v["ddim.abar_prev"].view(-1, 1, 1, 1)
+    assert torch.equal(at.flatten(), v["zt.alphas_cumprod"][v["ddim.t"]])
+    assert ap.flatten()[v["ddim.t_prev"] < 0].eq(1).all()
+    x_t, m = v["ddim.x_t"], v["ddim.model_output"]
+    torch.testing.assert_close(v["ddim.x0_hat"], at.sqrt() * x_t - (1 - at).sqrt() * m)
+    torch.testing.assert_close(v["ddim.eps_hat"], (1 - at).sqrt() * x_t + at.sqrt() * m)
+    torch.testing.assert_close(v["ddim.x_prev.v"], ap.sqrt() * v["ddim.x0_hat"] + (1 - ap).sqrt() * v["ddim.eps_hat"])
+    eps_nan = v["ddim.x_prev.eps"].isnan().flatten(1).all(1)
+    assert torch.equal(eps_nan, v["ddim.t"] == 999)                      # ε cannot be sampled at ᾱ = 0
+    e, p = v["ema.ema"], v["ema.param"]
+    torch.testing.assert_close(v["ema.out"], 0.9999 * e + 1e-4 * p)
+
+
+def test_vectors_json_has_the_same_content(tmp_path):
+    """`--format json`: the same tensors as nested lists (NaN as null), descriptions and tolerances, read with the
+    standard library alone."""
+    v, meta = _vectors_file(tmp_path / "v.safetensors")
+    zd.main(["vectors", "--format", "json", "--out", str(tmp_path / "v.json")])
+    j = json.loads((tmp_path / "v.json").read_text())
+    assert {k: j[k] for k in meta} == meta and set(j["tensors"]) == set(v)
+    for k, x in v.items():
+        got = torch.tensor(json.loads(json.dumps(j["tensors"][k]).replace("null", "NaN")), dtype=x.dtype)
+        assert got.shape == x.shape and torch.equal(got.isnan(), x.isnan())
+        assert torch.equal(got.nan_to_num(), x.nan_to_num())
+
+
+# An adapter is what a trainer's author writes for `zd.py check`: any subset of the protocol in the README. These test
+# it: diffusers as a trainer, the recipe written out again from the papers (float64 and float32), and one adapter per
+# known mistake, each written from the README's pitfall list.
+
+class Diffusers:
+    """diffusers as a trainer: DDPMScheduler/DDIMScheduler on the zero-terminal-SNR schedule, float32 as trainers keep
+    them, with the min-SNR weight, IP noise and loss of examples/text_to_image/train_text_to_image.py
+    (--snr_gamma 5 --input_perturbation 0.1 --use_ema) and the pipelines' CFG rescale."""
+    prediction = "v"
+
+    def __init__(self):
+        kind = "epsilon" if self.prediction == "eps" else "v_prediction"
+        config = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      rescale_betas_zero_snr=True, prediction_type=kind)
+        self.train = DDPMScheduler(**config)
+        self.sampler = DDIMScheduler(**config, timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True)
+
+    def alphas_cumprod(self):
+        return self.train.alphas_cumprod
+
+    def loss_weight(self, t):
+        snr = compute_snr(self.train, t)
+        w = torch.stack([snr, 5.0 * torch.ones_like(t)], dim=1).min(dim=1)[0]
+        return w / snr if self.prediction == "eps" else w / (snr + 1)
+
+    def noisy_input(self, x0, noise, ip_noise, t):
+        return self.train.add_noise(x0.float(), noise.float() + 0.1 * ip_noise.float(), t)
+
+    def target(self, x0, noise, ip_noise, t):
+        return noise.float() if self.prediction == "eps" else self.train.get_velocity(x0.float(), noise.float(), t)
+
+    def loss(self, model_output, x0, noise, ip_noise, t):
+        loss = torch.nn.functional.mse_loss(model_output.float(), self.target(x0, noise, ip_noise, t), reduction="none")
+        return (loss.mean(dim=list(range(1, len(loss.shape)))) * self.loss_weight(t)).mean()
+
+    def sampling_timesteps(self, n):
+        self.sampler.set_timesteps(n)
+        return self.sampler.timesteps
+
+    def sampler_step(self, x_t, model_output, t, n):
+        self.sampler.set_timesteps(n)
+        return self.sampler.step(model_output.float(), t, x_t.float()).prev_sample
+
+    def cfg(self, uncond, cond, scale, rescale):
+        guided = uncond.float() + scale * (cond.float() - uncond.float())
+        return rescale_noise_cfg(guided, cond.float(), guidance_rescale=rescale)
+
+    def ema_update(self, ema, param, decay, step):
+        ema_model = EMAModel([torch.nn.Parameter(ema.float())], decay=decay)
+        ema_model.optimization_step = step - 1
+        ema_model.step([torch.nn.Parameter(param.float())])
+        return ema_model.shadow_params[0]
+
+
+class DiffusersEps(Diffusers):
+    prediction = "eps"
+
+
+def _trailing(n):
+    return [round(1000 - i * 1000 / n) - 1 for i in range(n)]         # Lin et al. 2023, Table 2
+
+
+class Recipe:
+    """The recipe written out again from the papers, in `dtype` throughout, sharing no code with schedule.py."""
+    prediction, dtype = "v", torch.float64
+
+    def __init__(self):
+        s = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=self.dtype) ** 2, 0).sqrt()
+        self.abar = ((s - s[-1]) * s[0] / (s[0] - s[-1])) ** 2          # Lin et al. 2023, Alg. 1
+
+    def _ab(self, t, like, abar=None):
+        a = (self.abar if abar is None else abar)[torch.as_tensor(t)].reshape(-1, *[1] * (like.dim() - 1))
+        return a.sqrt(), (1 - a).sqrt()
+
+    def alphas_cumprod(self):
+        return self.abar
+
+    def loss_weight(self, t):                                           # Hang et al. 2023, in ᾱ: SNR = ᾱ/(1 − ᾱ)
+        a = self.abar[t]
+        return torch.minimum(a, 5 * (1 - a)) if self.prediction == "v" else (5 * (1 - a) / a).clamp(max=1)
+
+    def noisy_input(self, x0, noise, ip_noise, t):
+        a, s = self._ab(t, x0)
+        return a * x0.to(self.dtype) + s * (noise.to(self.dtype) + 0.1 * ip_noise.to(self.dtype))
+
+    def target(self, x0, noise, ip_noise, t):
+        a, s = self._ab(t, x0)
+        return a * noise.to(self.dtype) - s * x0.to(self.dtype) if self.prediction == "v" else noise.to(self.dtype)
+
+    def loss(self, model_output, x0, noise, ip_noise, t):
+        mse = (model_output.to(self.dtype) - self.target(x0, noise, ip_noise, t)).pow(2).flatten(1).mean(1)
+        return (self.loss_weight(t) * mse).mean()
+
+    def sampling_timesteps(self, n):
+        return torch.tensor(_trailing(n))
+
+    def prev(self, t, n):
+        ts = _trailing(n)
+        return ts[ts.index(t) + 1] if t != ts[-1] else -1
+
+    def sampler_step(self, x_t, model_output, t, n, abar=None):         # Song et al. 2021, eq. 12, η = 0
+        x, out = x_t.to(self.dtype), model_output.to(self.dtype)
+        a, s = self._ab(t, x, abar)
+        x0, eps = (a * x - s * out, s * x + a * out) if self.prediction == "v" else ((x - s * out) / a, out)
+        prev = self.prev(t, n)
+        a, s = self._ab(prev, x, abar) if prev >= 0 else (1.0, 0.0)
+        return a * x0 + s * eps
+
+    def cfg(self, uncond, cond, scale, rescale):                        # Lin et al. 2023, Alg. 2
+        u, c = uncond.to(self.dtype), cond.to(self.dtype)
+        x = u + scale * (c - u)
+        return rescale * x * c.std(dim=(1, 2, 3), keepdim=True) / x.std(dim=(1, 2, 3), keepdim=True) + (1 - rescale) * x
+
+    def ema_update(self, ema, param, decay, step):
+        return ema.to(self.dtype) + (1 - decay) * (param.to(self.dtype) - ema.to(self.dtype))
+
+
+class Recipe32(Recipe):
+    dtype = torch.float32
+
+
+class SnrBeforeRescale(Recipe32):                                       # pitfall 1
+    def loss_weight(self, t):
+        a = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2, 0)[t]
+        return torch.minimum(a, 5 * (1 - a))
+
+
+class MinSnrPlusOne(Recipe32):                                          # pitfall 3
+    def loss_weight(self, t):
+        snr = self.abar[t] / (1 - self.abar[t])
+        return torch.clamp(snr + 1, max=5) / (snr + 1)
+
+
+class EpsWeightOnV(Recipe32):                                           # pitfall 3: the ε form on a v loss
+    def loss_weight(self, t):
+        snr = self.abar[t] / (1 - self.abar[t])
+        return torch.clamp(snr, max=5) / snr
+
+
+class EpsWeightNanAtZeroSnr(EpsWeightOnV):                              # pitfall 2: the same formula, an ε model
+    prediction = "eps"
+
+
+class IpNoiseInTarget(Recipe32):                                        # pitfall 4
+    def target(self, x0, noise, ip_noise, t):
+        return super().target(x0, noise + 0.1 * ip_noise, ip_noise, t)
+
+
+class PrevTStride(Recipe32):                                            # pitfall 6
+    def prev(self, t, n):
+        return t - 1000 // n
+
+
+class LeadingSpacingOnZt(Recipe32):                                     # pitfall 6: SD1.5's leading spacing
+    def sampling_timesteps(self, n):
+        return torch.arange(n - 1, -1, -1) * (1000 // n) + 1
+
+
+class Sd15AbarInZtSampler(Recipe32):                                    # pitfall 9
+    def sampler_step(self, x_t, model_output, t, n, abar=None):
+        return super().sampler_step(x_t, model_output, t, n, torch.cumprod(1 - torch.linspace(
+            0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2, 0))
+
+
+class EmaWarmup(Recipe32):                                              # pitfall 5
+    def ema_update(self, ema, param, decay, step):
+        s = step - 1                                                    # updates before this one
+        return super().ema_update(ema, param, 0.0 if s == 0 else min(decay, (1 + s) / (10 + s)), step)
+
+
+MISTAKE_ADAPTERS = {"snr_before_rescale": SnrBeforeRescale, "min_snr_plus_one": MinSnrPlusOne,
+                    "eps_weight_on_v": EpsWeightOnV, "eps_weight_nan_at_zero_snr": EpsWeightNanAtZeroSnr,
+                    "ip_noise_in_target": IpNoiseInTarget, "prev_t_stride": PrevTStride,
+                    "leading_spacing_on_zt": LeadingSpacingOnZt, "sd15_abar_in_zt_sampler": Sd15AbarInZtSampler,
+                    "ema_warmup": EmaWarmup}
+
+
+def _check_json(capsys, *names):
+    """`zd.py check --json test_zd:NAME …` in this process: (exit status, {object: {quantity: row}})."""
+    try:
+        zd.main(["check", "--json", *[f"test_zd:{n}" for n in names]])
+        status = 0
+    except SystemExit as e:
+        status = e.code
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    return status, {o["object"].split(":")[1]: {r["quantity"]: r for r in o["rows"]} for o in out}
+
+
+QUANTITIES = ["prediction", "alphas_cumprod", "loss_weight", "noisy_input", "noisy_input, ξ = 0", "target", "loss",
+              *[f"sampling_timesteps({n})" for n in (10, 13, 25, 50)],
+              *[f"sampler_step(N = {n})" for n in (10, 13, 25, 50)],
+              "cfg(7.5, rescale 0.7)", "cfg(7.5, rescale 0)", "ema_update"]
+
+
+def test_check_passes_a_correct_trainer(capsys):
+    """The recipe written from the papers, in float64 and in float32: every quantity ok, exit status 0."""
+    status, rows = _check_json(capsys, "Recipe", "Recipe32")
+    assert status == 0
+    for name, dtype in (("Recipe", "float64"), ("Recipe32", "float32")):
+        assert list(rows[name]) == QUANTITIES and all(r["verdict"] == "ok" for r in rows[name].values())
+        assert {r.get("dtype") for r in rows[name].values()} == {None, dtype, "int64"}
+
+
+MISTAKE_ROWS = {"snr_before_rescale": ["loss_weight", "loss"], "min_snr_plus_one": ["loss_weight", "loss"],
+                "eps_weight_on_v": ["loss_weight", "loss"], "eps_weight_nan_at_zero_snr": ["loss_weight", "loss"],
+                "ip_noise_in_target": ["target", "loss"], "prev_t_stride": ["sampler_step(N = 13)"],
+                "leading_spacing_on_zt": [f"sampling_timesteps({n})" for n in (10, 13, 25, 50)],
+                "sd15_abar_in_zt_sampler": [f"sampler_step(N = {n})" for n in (10, 13, 25, 50)],
+                "ema_warmup": ["ema_update"]}
+
+
+@pytest.mark.parametrize("mistake", sorted(MISTAKE_ROWS))
+def test_check_names_each_known_mistake(mistake, capsys):
+    """An adapter carrying one mistake, written from the pitfall list: exactly the rows it touches are flagged with
+    that mistake's id (an ε model's prediction row differs too), and the exit status is 1."""
+    name = MISTAKE_ADAPTERS[mistake].__name__
+    status, rows = _check_json(capsys, name)
+    flagged = {q: r.get("mistake") for q, r in rows[name].items() if r["verdict"] != "ok"}
+    expect = {q: mistake for q in MISTAKE_ROWS[mistake]}
+    if MISTAKE_ADAPTERS[mistake].prediction == "eps":
+        expect["prediction"] = None                                     # differs: the recipe is v
+    assert status == 1 and flagged == expect
+
+
+def test_check_diffusers(capsys):
+    """diffusers 0.42.1 passes every quantity except three: DDIM for N = 13 steps to t − 1000//N (prev_t_stride),
+    EMAModel's warm-up (ema_warmup), and for an ε model the min-SNR weight is NaN at SNR = 0."""
+    status, rows = _check_json(capsys, "Diffusers", "DiffusersEps")
+    assert status == 1
+    flagged = {n: {q: r.get("mistake", r["verdict"]) for q, r in rows[n].items() if r["verdict"] != "ok"} for n in rows}
+    assert flagged == {"Diffusers": {"sampler_step(N = 13)": "prev_t_stride", "ema_update": "ema_warmup"},
+                       "DiffusersEps": {"prediction": "differs", "loss_weight": "eps_weight_nan_at_zero_snr",
+                                        "loss": "eps_weight_nan_at_zero_snr", "sampler_step(N = 13)": "prev_t_stride",
+                                        "ema_update": "ema_warmup"}}
+    assert rows["Diffusers"]["sampler_step(N = 13)"]["first"]["t"] == 999
+
+
+def test_tolerances_separate_float32_noise_from_mistakes():
+    """float32 tolerances: correct float32 code (the recipe in float32, and diffusers where it is right) stays below
+    a quarter of them; every known mistake, wherever it changes a quantity, exceeds them 500-fold or more."""
+    v, _ = zd.golden()
+    ratio = lambda ref, x, tol: ((x.double() - ref).abs() / (tol[1] + tol[0] * ref.abs())).nan_to_num(math.inf).max()
+    correct, mistakes = [], []
+    for pred in ("v", "eps"):
+        for _, _, name, sel, call, _ in zd.check_cases(v, pred):
+            ref = v[name] if sel is None else v[name][sel]
+            tol = zd.tolerances(name, ref)["float32"]
+            for obj in (Recipe32(), Diffusers(), DiffusersEps()):
+                obj.prediction = pred
+                got = torch.as_tensor(call(obj)).reshape(ref.shape)
+                if zd.compare(ref, got.double(), [1e-3, 1e-3])[0]:             # where diffusers is right
+                    correct.append(ratio(ref, got, tol) if tol != [0, 0] else 0)
+            for k in [k for k in v if k.startswith("mistake.") and k.endswith("." + name)]:
+                m = v[k] if sel is None else v[k][sel]
+                if not torch.equal(m.nan_to_num(), ref.nan_to_num()) and tol != [0, 0]:
+                    mistakes.append(ratio(ref, m, tol))
+    assert len(mistakes) == 26 and max(correct) < 0.25 and min(mistakes) > 500
+
+
+class _Broken(Recipe32):
+    def loss_weight(self, t):
+        raise RuntimeError("no weights here")
+
+    def target(self, x0, noise, ip_noise, t):
+        return super().target(x0, noise, ip_noise, t)[:3]
+
+
+class _Partial:
+    prediction = "x0"
+
+    def alphas_cumprod(self):
+        return Recipe32().abar
+
+
+def test_check_reports_a_raising_method_in_its_row(capsys):
+    """A method that raises, or returns the wrong shape, or a prediction type that is neither v nor ε, is reported in
+    its row; the others are still checked, and members an object lacks are skipped."""
+    status, rows = _check_json(capsys, "_Broken")
+    assert status == 1 and rows["_Broken"]["loss_weight"]["verdict"] == "error"
+    assert "RuntimeError: no weights here" in rows["_Broken"]["loss_weight"]["note"]
+    assert rows["_Broken"]["target"]["verdict"] == "differs" and "shape" in rows["_Broken"]["target"]["note"]
+    assert rows["_Broken"]["loss"]["verdict"] == "error" and rows["_Broken"]["noisy_input"]["verdict"] == "ok"
+    status, rows = _check_json(capsys, "_Partial")
+    assert status == 1 and rows["_Partial"]["prediction"]["verdict"] == "error"
+    assert "'x0' is neither 'v' nor 'eps'" in rows["_Partial"]["prediction"]["note"]
+    assert rows["_Partial"]["alphas_cumprod"]["verdict"] == "ok" and len(rows["_Partial"]) == 2
+
+
+@pytest.mark.parametrize("spec,message", [("test_zd", "is not MODULE:OBJECT"), ("no_such_module:X", "cannot get X"),
+                                          ("test_zd:NoSuchAdapter", "cannot get NoSuchAdapter"),
+                                          ("missing/file.py:X", "give its path"),
+                                          ("test_zd:_NeedsArguments", "no arguments")])
+def test_check_user_errors_are_one_line(spec, message):
+    """A mistyped target, an import that fails, a class that needs arguments: one line naming the problem and the
+    fix, no traceback."""
+    with pytest.raises(SystemExit) as e:
+        zd.main(["check", spec])
+    assert str(e.value.code).startswith("check: ") and message in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+class _NeedsArguments:
+    def __init__(self, scheduler):
+        pass
+
+
+def test_check_cli_exit_status_and_table(tmp_path):
+    """The command line on a path/to/file.py:OBJECT: a table, the known mistake explained under it, exit status 1 and
+    no traceback; the same adapter corrected exits 0."""
+    (tmp_path / "my_adapter.py").write_text(
+        "import torch\n\n\nclass Leading:\n    def sampling_timesteps(self, n):\n"
+        "        return torch.arange(n - 1, -1, -1) * (1000 // n) + 1\n\n\n"
+        "class Trailing:\n    def sampling_timesteps(self, n):\n"
+        "        return torch.tensor([round(1000 - i * 1000 / n) - 1 for i in range(n)])\n")
+    run = lambda name: subprocess.run([sys.executable, os.path.join(HERE, "zd.py"), "check", f"my_adapter.py:{name}"],
+                                      cwd=tmp_path, capture_output=True, text=True)
+    r = run("Leading")
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "0 of 4 quantities ok" in r.stdout
+    assert "sampling_timesteps(13)  int64" in r.stdout and "matches known mistake leading_spacing_on_zt" in r.stdout
+    assert "first difference at [0]: zd 999, theirs 913" in r.stdout and "leading_spacing_on_zt: leading" in r.stdout
+    r = run("Trailing")
+    assert r.returncode == 0 and "4 of 4 quantities ok" in r.stdout and "not provided: prediction, alphas" in r.stdout
+
+
+def test_drawn_feeds_a_step_that_draws_its_own_noise():
+    """zd.drawn: torch.randn_like gives ε then ξ, torch.randint gives t, so a training step that draws its own noise
+    (here diffusers' train_text_to_image with --input_perturbation 0.1) reproduces forward.x_t; torch is restored."""
+    sched = DDPMScheduler(**SD15, rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    with zd.drawn() as v:
+        latents = v["forward.x0"].float()
+        noise = torch.randn_like(latents)
+        new_noise = noise + 0.1 * torch.randn_like(noise)
+        timesteps = torch.randint(0, 1000, (latents.shape[0],), device=latents.device)
+        x_t = sched.add_noise(latents, new_noise, timesteps)
+        with pytest.raises(RuntimeError, match="nothing more"):
+            torch.randn(6, 4, 8, 8)
+    assert torch.equal(timesteps, v["forward.t"]) and noise.dtype == torch.float32
+    torch.testing.assert_close(x_t.double(), v["forward.x_t"], rtol=1e-5, atol=1e-5)
+    with zd.drawn(), pytest.raises(RuntimeError, match=r"shape \[2, 4, 8, 8\]; the vectors hold \[6, 4, 8, 8\]"):
+        torch.randn((2, 4, 8, 8))
+    assert torch.randn(3).shape == (3,) and torch.randint(0, 5, (2,)).shape == (2,)
+
+
+def _readme_block(after):
+    """The first ```python block of README.md after the line that starts with `after`."""
+    text = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    text = text[text.index(after):]
+    return text[text.index("```python\n") + 10:text.index("```\n", text.index("```python\n") + 10)]
+
+
+def test_readme_snippet_runs_verbatim(tmp_path, monkeypatch):
+    """README's snippet for a trainer's own test passes, verbatim, on diffusers' float32 scheduler."""
+    monkeypatch.chdir(tmp_path)
+    zd.main(["vectors"])
+    exec(compile(_readme_block("### The vectors in your own tests"), "README.md", "exec"), {})
+
+
+def test_readme_shows_the_diffusers_adapter_and_its_table(capsys):
+    """README shows the adapters above verbatim, and its table's verdicts are those `zd.py check` prints now."""
+    import inspect
+    readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    assert inspect.getsource(Diffusers) + "\n\n" + inspect.getsource(DiffusersEps) in readme
+    with pytest.raises(SystemExit):
+        zd.main(["check", "test_zd:Diffusers"])
+    lines = readme[readme.index("    $ python zd.py check test_zd:Diffusers\n"):].splitlines()[1:]
+    shown = "\n".join(x[4:] for x in lines[:next(i for i, x in enumerate(lines) if not x.startswith("    "))])
+    rows = lambda text: [(x[2:25].strip(), x[66:]) for x in text.splitlines() if x[2:25].strip() in QUANTITIES]
+    assert len(rows(shown)) == len(QUANTITIES) and rows(shown) == rows(capsys.readouterr().out)
 
 
 def test_schedule_cli(capsys):
@@ -295,9 +704,9 @@ def test_schedule_cli(capsys):
 
 def test_cli_help_lists_every_subcommand():
     out = subprocess.run([sys.executable, "zd.py", "--help"], cwd=HERE, capture_output=True, text=True, check=True).stdout
-    commands = [c for c in ("schedule", "vectors", "convert", "merge", "inspect", "train", "sample", "demo")
+    commands = [c for c in ("schedule", "vectors", "check", "convert", "merge", "inspect", "train", "sample", "demo")
                 if f"    {c} " in out]
-    assert {"schedule", "vectors"} <= set(commands)
+    assert {"schedule", "vectors", "check"} <= set(commands)
     for c in commands:
         subprocess.run([sys.executable, "zd.py", c, "--help"], cwd=HERE, capture_output=True, check=True)
 
