@@ -145,7 +145,7 @@ def load_image(src, size, u=0.5, v=0.5):
         img = to_rgb(img)
         w, h = img.size
         scale = max(bw / w, bh / h)
-        cw, ch = bw / scale, bh / scale
+        cw, ch = min(w, bw / scale), min(h, bh / scale)  # bw / (bw / w) can round to w + 1 ulp: a negative offset
         x0, y0 = (w - cw) * u, (h - ch) * v
         return img.resize(size, Image.Resampling.LANCZOS, box=(x0, y0, x0 + cw, y0 + ch), reducing_gap=3.0)
     except Exception as e:  # truncated or corrupt data surfaces only now, when the pixels are decoded
