@@ -294,7 +294,8 @@ def test_schedule_cli(capsys):
 
 def test_cli_help_lists_every_subcommand():
     out = subprocess.run([sys.executable, "zd.py", "--help"], cwd=HERE, capture_output=True, text=True, check=True).stdout
-    commands = [c for c in ("schedule", "vectors", "convert", "merge", "inspect", "train", "sample", "bench")
+    commands = [c for c in ("schedule", "vectors", "convert", "merge", "inspect", "train", "sample", "bench",
+                            "data")
                 if f"    {c} " in out]
     assert {"schedule", "vectors"} <= set(commands)
     for c in commands:
@@ -663,6 +664,7 @@ _DATA_FILTER_CASES = [
     ((5, None, None, True), 3, 0, {"min-aesthetic": 2, "unscored": 6}),
     ((None, None, None, True), 11, 0, {}),
 ]
+TINY_FLAGS = ["--bucket-area", "1024", "--bucket-min", "24", "--bucket-max", "40", "--bucket-step", "8"]  # TINY
 
 
 def _data_scored_files():
@@ -799,6 +801,76 @@ def test_sheet_captions_wrap_to_their_lines_and_width():
         assert 1 <= len(lines) <= 3 and all(font.getlength(line) <= 160 for line in lines)
         assert lines[-1].endswith("…") == (text != "short")
     assert data._wrap("one two three", font, 1000, 3) == ["one two three"]
+
+
+def test_zd_data_json_report(tmp_path, capsys):
+    folder = _data_scored_folder(tmp_path / "f")
+    zd.main(["data", "--data", folder, "--json", "--min-aesthetic", "5", "--batch-size", "1", "--per-bucket", "2",
+             "--sheet", str(tmp_path / "sheets"), *TINY_FLAGS])
+    out = capsys.readouterr()
+    report = json.loads(out.out)  # the log went to stderr
+    assert set(report) == {"found", "kept", "dropped", "unscored", "missing_captions", "ignored", "buckets", "batches",
+                           "captions", "scan", "sheets"}
+    assert (report["found"], report["kept"], report["unscored"], report["missing_captions"]) == (13, 9, 6, 0)
+    assert report["dropped"] == {"min-side": 1, "min-aesthetic": 2, "max-watermark": 0, "max-unsafe": 0,
+                                 "unscored": 0, "not an image": 1}
+    assert report["buckets"] == {"24x40": 0, "32x32": 9, "40x24": 0}
+    assert report["batches"] == dict(global_batch=1, per_epoch=9, left_out_per_epoch=0, exact=True)
+    assert report["captions"] == dict(empty=0, dropout_per_epoch=1, over_75_tokens=0, words=[["caption", 9]])
+    assert set(report["scan"]) == {"images", "cached", "seconds", "images_per_s", "workers"}
+    assert list(report["sheets"]) == ["32x32"] and len(report["sheets"]["32x32"]["tiles"]) == 2
+    assert "data: kept 9 of 13 images; dropped min-side 1, min-aesthetic 2, not an image 1" in out.err
+
+
+def test_zd_data_user_errors_are_one_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    folder = _data_scored_folder(tmp_path / "f")
+    for flags, message in [(["--data", str(tmp_path / "nope")], "data: no such folder: .*nope"),
+                           (["--data", str(tmp_path / "empty")], "data: no image file .* in .*empty"),
+                           (["--data", str(tmp_path / "*.tar")], "data: no shard matches"),
+                           (["--data", folder, "--min-aesthetic", "9", "--drop-unscored"], "data: no bucket holds"),
+                           (["--data", folder, "--batch-size", "0"], "data: --batch-size")]:
+        with pytest.raises(SystemExit, match=message):
+            zd.main(["data", *flags, "--sheet", ""])
+    with pytest.raises(SystemExit) as e:
+        zd.main(["data", "--data", folder, "--max-watermark", "1.5"])
+    assert e.value.code == 2 and "1.5 is not a probability in [0, 1]" in capsys.readouterr().err
+
+
+def test_zd_data_on_a_hostile_folder_never_crashes(tmp_path, capsys):
+    """The loader tests' odd files, plus: a caption in UTF-16, a json nested 100000 deep, scores too big for a float,
+    a dangling link, a folder named like an image, a name that is not UTF-8, a GIF, a broken scan cache. Run twice,
+    the second time from the cache, in a fresh process printing to a pipe, as in a script."""
+    folder = tmp_path / "odd"
+    _data_write_odd_files(folder)
+    for name, raw in [("utf16.png", _data_png()), ("utf16.txt", "légende".encode("utf-16")), ("deep.png", _data_png()),
+                      ("deep.json", b"[" * 100000), ("scores.png", _data_png()), ("anim.gif", b"GIF89a"),
+                      ("scores.json", b'{"punsafe": 1' + b"0" * 400 + b', "aesthetic": 1e999}'),
+                      ("long.txt", b"word " * 5000 + b"x" * 10000), (data.SCAN_CACHE, b'{"zd_scan": 1, "files": 7}')]:
+        (folder / name).write_bytes(raw)
+    (folder / "dangling.jpg").symlink_to(folder / "nowhere.jpg")
+    (folder / "folder.jpg").mkdir()
+    with open(os.path.join(os.fsencode(folder), b"name\xff.png"), "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n broken")
+    args = ["data", "--data", str(folder), "--min-side", "1", "--max-unsafe", "0.5", "--batch-size", "1",
+            "--sheet", str(tmp_path / "sheets"), *TINY_FLAGS]
+    report = zd.survey(zd.parser().parse_args(args))
+    assert (report["found"], report["kept"], report["unscored"], report["ignored"]) == (13, 7, 7, {".gif": 1})
+    assert {r: n for r, n in report["dropped"].items() if n} == {"empty file": 1, "not an image": 2,
+                                                                 "decompression bomb": 2, "unreadable": 1}
+    assert report["captions"]["over_75_tokens"] == 1 and report["captions"]["words"][0] == ("word", 5000)
+    lines = capsys.readouterr().out.splitlines()
+    # PYTHONIOENCODING=utf-8 makes printing a surrogate an error, as in most desktop locales
+    run = subprocess.run([sys.executable, "zd.py", *args], cwd=HERE, capture_output=True, timeout=300,
+                         env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert run.returncode == 0, run.stderr.decode(errors="replace")[-2000:]
+    again = run.stdout.decode().splitlines()
+    assert "name\\udcff.png: not an image" in run.stdout.decode()
+    assert "12 from its scan cache" in next(line for line in again if line.startswith("data: scanned"))  # no link
+    kept = [line for line in lines if line.startswith("data: kept")]
+    assert kept == [line for line in again if line.startswith("data: kept")] == [
+        'data: kept 7 of 13 images; dropped decompression bomb 2, empty file 1, not an image 2, unreadable 1; '
+        'unscored but kept 7; without caption 5 (→ ""); ignored (not images) .gif 1']
 
 
 # ---- model.py: networks, tokenizer, checkpoints ----
@@ -1687,6 +1759,20 @@ def test_training_step_feeds_the_recipe(tmp_path, monkeypatch):
     loss = S.weighted_mse(out, S.v_target(batch["pixels"], eps, abar[t]), S.min_snr_weight(S.snr(abar[t]), 5, "v"))[0]
     logged = json.loads(open(tmp_path / "metrics.jsonl").readline())
     assert logged["loss"] == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_training_logs_the_filter_counts_that_zd_data_prints(tmp_path, capsys):
+    """The score flags reach the loader of `zd.py train`: its log line of counts is `zd.py data`'s."""
+    folder = _data_scored_folder(tmp_path / "f")
+    flags = ["--min-aesthetic", "5", "--max-watermark", "0.5", "--max-unsafe", "0.5"]
+    zd.main(["data", "--data", folder, *flags, "--sheet", ""])
+    surveyed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("data: kept")]
+    _train(tmp_path / "run", "--steps", "1", "--data", folder, *flags)
+    trained = [line for line in capsys.readouterr().out.splitlines() if line.startswith("data: kept")]
+    assert surveyed == trained == ["data: kept 6 of 13 images; dropped min-side 1, min-aesthetic 2, max-watermark 2, "
+                                   "max-unsafe 1, not an image 1; unscored but kept 5"]
+    _train(tmp_path / "run", "--steps", "2", "--resume")  # the filters are settings of the run
+    assert "data: kept 6 of 13 images;" in capsys.readouterr().out
 
 
 def test_shard_training_logs_its_first_epoch_counts_as_zd_data_does(tmp_path, capsys):
