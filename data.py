@@ -415,13 +415,14 @@ def scan_folder(root, filters, stats, warn, workers=0):
     tasks of SCAN_CHUNK; the cache is then rewritten. info: images, cached, seconds, workers, cache_error (why the
     cache could not be written, else None)."""
     t0 = time.perf_counter()
-    found, skip = {}, len(os.path.join(root, ""))
+    found, skip = {}, len(os.path.join(root, ""))  # relative path → (path, sidecars)
     for folder, _, files in os.walk(root):
         names = set(files)
         for name in files:
             stem, ext = os.path.splitext(name)
             if ext.lower() in IMAGE_EXTS:
-                found[os.path.join(folder[skip:], name)] = [e for e in SIDECARS if stem + e in names]
+                path = os.path.join(folder, name)
+                found[path[skip:]] = path, [e for e in SIDECARS if stem + e in names]
             elif ext.lower() not in SIDECARS and not name.startswith(SCAN_CACHE):  # nor caches being written
                 stats["ignored"][ext.lower() or name] += 1
     paths = sorted(found)
@@ -429,14 +430,13 @@ def scan_folder(root, filters, stats, warn, workers=0):
     cache = _read_cache(cache_path)
     stamps, records, todo = {}, {}, []
     for rel in paths:
-        stamps[rel] = stamp = _stamp(os.path.join(root, rel), found[rel])
+        stamps[rel] = stamp = _stamp(*found[rel])
         hit = cache.get(rel)
         if stamp is not None and isinstance(hit, list) and len(hit) == 2 and hit[0] == stamp:
             records[rel] = Record(*hit[1])
         else:
             todo.append(rel)
-    tasks = [([(os.path.join(root, rel), found[rel]) for rel in todo[k:k + SCAN_CHUNK]],)
-             for k in range(0, len(todo), SCAN_CHUNK)]
+    tasks = [([found[rel] for rel in todo[k:k + SCAN_CHUNK]],) for k in range(0, len(todo), SCAN_CHUNK)]
     workers = min(workers, len(tasks)) if len(tasks) > 1 else 0  # for one task, starting processes costs more
     for k, chunk in enumerate(torch.utils.data.DataLoader(_Map(_folder_records, tasks), batch_size=None,
                                                           num_workers=workers, collate_fn=_as_is)):
@@ -446,7 +446,7 @@ def scan_folder(root, filters, stats, warn, workers=0):
         error = _write_cache(cache_path, {rel: [stamps[rel], records[rel]] for rel in paths if stamps[rel]})
     items = []
     for rel in paths:
-        path, r = os.path.join(root, rel), records[rel]
+        path, r = found[rel][0], records[rel]
         if admit(path, r, filters, stats, warn):
             items.append(Item(path, path, r.caption, r.w, r.h))
     info = dict(images=len(paths), cached=len(paths) - len(todo), seconds=time.perf_counter() - t0, workers=workers,
@@ -839,12 +839,14 @@ class Loader:
             tasks = [(s, path, self.filters, self.buckets, seed, per_bucket) for s, path in enumerate(self.shards)]
             for r in torch.utils.data.DataLoader(_Map(_survey_shard, tasks), batch_size=None, num_workers=workers,
                                                  collate_fn=_as_is):
+                t1 = time.perf_counter()  # the time spent here on the statistics is not the scan's
                 merge_counts(stats, r["stats"])
                 for name, reason, detail in r["bad"]:
                     self._warn(name, BadImage(reason, detail), stats=stats)
                 tally(r["kept"])
                 for bkt, entries in r["picks"].items():
                     picks[bkt] = heapq.nsmallest(per_bucket, picks.get(bkt, []) + entries)
+                t0 += time.perf_counter() - t1
             n = stats["kept"] + sum(stats["dropped"].values()) + sum(stats["bad_files"].values())
             scan = dict(images=n, cached=0, seconds=time.perf_counter() - t0, workers=workers)
             self._log(f"scanned {plural(len(self.shards), 'shard')}: {scan_line(scan)}")
@@ -995,7 +997,7 @@ def contact_sheet(tiles, path, title):
     h, w = tiles[0][1].shape[:2]
     scale = max(1, -(-SHEET_MIN_TILE // w))
     tw, th = w * scale, h * scale
-    font = ImageFont.load_default(15)
+    font = ImageFont.load_default(max(12, tw // 28))  # legible when a wide sheet is shown scaled down
     line_h, pad = font.getbbox("Ág")[3] + 3, 6
     cols = math.ceil(math.sqrt(len(tiles)))
     rows = -(-len(tiles) // cols)

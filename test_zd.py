@@ -763,6 +763,17 @@ def test_parallel_scan_equals_the_scan_in_one_process(tmp_path, monkeypatch):
     assert runs[0][:3] == runs[1][:3] and (runs[0][3], runs[1][3]) == (0, 2)
 
 
+def test_write_scan_folder_writes_the_readme_example(tmp_path):
+    """The README's synthetic folder: captions beside the images, one in ten without an aesthetic score, the two
+    spellings of the aesthetic key, original sizes of 1024–1536 px."""
+    data.write_scan_folder(str(tmp_path), 30)
+    report = data.Loader([str(tmp_path)], 1, workers=0, min_aesthetic=0, **TINY).survey()
+    assert (report["found"], report["kept"], report["unscored"], report["missing_captions"]) == (30, 30, 3, 0)
+    metas = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("000/*.json"))]
+    assert {"aesthetic", "AESTHETIC_SCORE"} <= {k for m in metas for k in m}
+    assert min(min(m["original_width"], m["original_height"]) for m in metas) >= 1024
+
+
 def test_contact_sheets_are_the_training_crops_with_their_captions(tmp_path):
     folder = tmp_path / "f"
     folder.mkdir()
