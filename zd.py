@@ -765,10 +765,9 @@ def train(args):
 
 
 def survey(args):
-    """`zd.py data`: the data side of `zd.py train`, without a model. Scans --data as training would (headers only,
-    in --workers processes, cached in each folder's .zd_scan.json) and prints what is found, kept and dropped by
-    reason, images per bucket, batches per epoch, caption statistics and scan speed; writes one contact sheet per
-    bucket into --sheet: training crops at bucket size with their captions."""
+    """`zd.py data`: the data side of `zd.py train` without a model (data.Loader.survey): what is found, kept and
+    dropped by reason, images per bucket, batches per epoch, caption statistics, scan speed; a contact sheet per
+    bucket in --sheet, of training crops with their captions."""
     if min(args.batch_size, args.world_size, args.per_bucket) < 1 or args.workers < 0:
         raise SystemExit("data: --batch-size, --world-size and --per-bucket must be ≥ 1, --workers ≥ 0")
     tokenizer = model.Tokenizer.default()
@@ -1243,6 +1242,28 @@ def add_filter_flags(g):
                    "active filter reads (default: kept and counted as unscored)")
 
 
+def add_data_command(sub):
+    """The `data` subcommand: train's data settings, and what to print and draw."""
+    s = sub.add_parser("data", help="see and filter the training data before training: counts, buckets, captions, "
+                       "contact sheets of the crops", description=survey.__doc__)
+    s.add_argument("--data", action="append", required=True, metavar="SRC", help="as train's; repeatable")
+    s.add_argument("--min-side", type=int, default=TRAIN_DEFAULTS["min_side"], help="as train's (default 1024)")
+    add_filter_flags(s)
+    for name in ("bucket_area", "bucket_min", "bucket_max", "bucket_step", "batch_size"):
+        s.add_argument("--" + name.replace("_", "-"), type=int, default=RECIPE[name],
+                       help=f"as train's (default {RECIPE[name]})")
+    s.add_argument("--world-size", type=int, default=1, help="GPUs of the run, for its global batch (default 1)")
+    s.add_argument("--caption-dropout", type=float, default=TRAIN_DEFAULTS["caption_dropout"], help="(default 0.1)")
+    s.add_argument("--seed", type=int, default=0, help="of the random crops and the sheets' draw (default 0)")
+    for flag in ("--flip", "--random-crop"):
+        s.add_argument(flag, action="store_true", help="as train's: the sheets show the crops of epoch 0")
+    s.add_argument("--workers", type=int, default=TRAIN_DEFAULTS["workers"], help="scan processes (default 2)")
+    s.add_argument("--sheet", default="data_preview", metavar="DIR", help="contact sheets' folder ('' for none)")
+    s.add_argument("--per-bucket", type=int, default=16, help="images per contact sheet (default 16)")
+    s.add_argument("--json", action="store_true", help="print the report as JSON (the log goes to stderr)")
+    s.set_defaults(func=survey)
+
+
 def parser():
     """The command line: one subparser per subcommand, each calling a plain function of the parsed arguments."""
     p = argparse.ArgumentParser(prog="zd.py", description=__doc__.split("\n\n")[0],
@@ -1314,26 +1335,7 @@ def parser():
     g.add_argument("--grad-checkpointing", action="store_true", default=None,
                    help="recompute activations in the backward pass: less memory, ~30%% slower")
     s.set_defaults(func=train)
-
-    s = sub.add_parser("data", help="see and filter the training data before training: counts, buckets, captions, "
-                       "contact sheets of the crops", description=survey.__doc__)
-    s.add_argument("--data", action="append", required=True, metavar="SRC", help="as train's; repeatable")
-    s.add_argument("--min-side", type=int, default=TRAIN_DEFAULTS["min_side"], help="as train's (default 1024)")
-    add_filter_flags(s)
-    for name in ("bucket_area", "bucket_min", "bucket_max", "bucket_step", "batch_size"):
-        s.add_argument("--" + name.replace("_", "-"), type=int, default=RECIPE[name],
-                       help=f"as train's (default {RECIPE[name]})")
-    s.add_argument("--world-size", type=int, default=1, help="GPUs of the run, for its global batch (default 1)")
-    s.add_argument("--caption-dropout", type=float, default=TRAIN_DEFAULTS["caption_dropout"], help="(default 0.1)")
-    s.add_argument("--seed", type=int, default=0, help="of the random crops and the sheets' draw (default 0)")
-    for flag in ("--flip", "--random-crop"):
-        s.add_argument(flag, action="store_true", help="as train's: the sheets show the crops of epoch 0")
-    s.add_argument("--workers", type=int, default=TRAIN_DEFAULTS["workers"], help="scan processes (default 2)")
-    s.add_argument("--sheet", default="data_preview", metavar="DIR", help="contact sheets' folder, '' for none "
-                   "(default data_preview)")
-    s.add_argument("--per-bucket", type=int, default=16, help="images per contact sheet (default 16)")
-    s.add_argument("--json", action="store_true", help="print the report as JSON (the log goes to stderr)")
-    s.set_defaults(func=survey)
+    add_data_command(sub)
 
     s = sub.add_parser("demo", help="train the demo with ZT/v and with SD1.5's schedule/ε; compare black and white",
                        description=demo.__doc__)
