@@ -881,7 +881,7 @@ class Loader:
         """Write folder/WxH.png for each bucket with images (contact_sheet); {"WxH": {path, tiles}} with each tile's
         sample name, caption and box on the sheet."""
         os.makedirs(folder, exist_ok=True)
-        opts = dict(self.opts, caption_dropout=0.0, inpaint=False)  # the crop, flip and caption of epoch 0
+        opts = dict(self.opts, caption_dropout=0.0, inpaint=False)  # epoch 0's crop and flip; captions not dropped
         sheets = {}
         for (w, h), entries in sorted(picks.items()):
             tiles = []
