@@ -1,15 +1,29 @@
 """data.py — files → buckets → batches of pixels, captions and inpainting masks for `zd.py train`.
 
-Sources (SPEC §6)
+Sources
   folder   a directory, searched recursively for .jpg .jpeg .png .webp .bmp. The caption of a/b.jpg is a/b.txt,
            else a/b.caption, else the "caption" (or "text") field of a/b.json; no caption → "" (counted).
-           The json may also carry original_width/original_height.
+           The json may also carry original_width/original_height and the LAION scores below.
   shards   img2dataset / WebDataset tars (00000.tar holding key.jpg|png|webp, key.txt, key.json), given as paths or
            globs and read as a stream (tarfile "r|"), never unpacked.
   "demo"   DemoSource: plain colours and simple shapes drawn from a seed, for `zd.py train` with no data.
-Folder and shard images are kept when their *original* shortest side ≥ min_side (json original_width/height when
-present, else the image header; pixels are not decoded to decide). Unreadable files are skipped, counted in
-Loader.stats and named in a warning; nothing in a file can stop a run.
+
+Filters (folders and shards) are decided from a sample's image header and json, never by decoding pixels. A dropped
+sample is counted once, under the first test it fails, in this order:
+  min-side       its *original* shortest side < min_side (json original_width/height when present, else the header);
+  min-aesthetic  json AESTHETIC_SCORE (or aesthetic) < min_aesthetic;
+  max-watermark  json pwatermark > max_watermark;
+  max-unsafe     json punsafe > max_unsafe;
+  unscored       (with drop_unscored) it lacks a score that an active filter reads; without it, it is kept and counted.
+The three score columns are those img2dataset copies from LAION's parquet into each json; keys match in any case, and
+a score that is absent, null or not a finite number counts as missing. They are off by default. Files that cannot be
+read (empty, not an image, decompression bomb, truncated shard) are skipped, counted in Loader.stats["bad_files"] and
+named in a warning; nothing in a file can stop a run.
+
+The folder scan reads headers and sidecars in the loader's worker processes and caches what it learns in
+FOLDER/.zd_scan.json: an entry is reused while the file's size and mtime and its sidecars' mtimes are unchanged, so the
+scans after the first (`zd.py data`, then `zd.py train`, then every rank) open no image. Loader.survey is the data side
+of training without a model (`zd.py data`): counts, buckets, batches per epoch, captions, contact sheets of the crops.
 
 Buckets: `buckets()` makes kohya-style aspect buckets (defaults: the five ZD buckets of ≈512²). Each image goes to the
 bucket nearest in aspect by |log(w/h) − log(bw/bh)| (symmetric under transpose, unlike |w/h − bw/bh|), is resized to
@@ -29,28 +43,45 @@ Per-sample randomness (caption dropout, flip, crop offset, mask) comes from (see
 from the rank or worker that happens to load the sample.
 """
 import glob
+import hashlib
+import heapq
 import io
 import itertools
 import json
 import math
 import os
+import re
 import tarfile
+import tempfile
+import time
 import warnings
 from collections import Counter, namedtuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SHARD_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # PIL's own bomb threshold (≈89 Mpx): larger headers are refused, never decoded
 DEMO_BUCKETS = dict(bucket_area=32 * 32, bucket_min=24, bucket_max=40, bucket_step=8)  # → 24×40, 32×32, 40×24
 WARN_LIMIT = 20  # bad files named one by one; past this they are only counted (Loader.stats)
+SIDECARS = (".txt", ".caption", ".json")
+SCORE_KEYS = (("aesthetic_score", "aesthetic"), ("pwatermark",), ("punsafe",))  # json keys of the scores, lower case
+DROP_REASONS = ("min-side", "min-aesthetic", "max-watermark", "max-unsafe", "unscored")  # the filters, in test order
+SCAN_CACHE = ".zd_scan.json"  # in the folder's root; written atomically, so ranks scanning at once cannot corrupt it
+SCAN_CHUNK = 512  # images per task of a parallel folder scan: a task's start-up is small next to 512 headers
 
 # One image to load: `src` is a path (folder), the encoded bytes (shard) or ("demo", seed, i);
 # (w, h) is its upright size.
 Item = namedtuple("Item", "name src caption w h")
+# What the scan learns of a sample without decoding pixels: upright header size w×h; orig, the original (w, h) the
+# min-side filter reads; scores (aesthetic, pwatermark, punsafe), each a float or None; the caption and whether a
+# caption file or field gave it; error, (reason, detail) of a file that cannot be used, else None.
+Record = namedtuple("Record", "w h orig scores caption captioned error")
+# The filters of the module docstring; None turns a score filter off.
+Filters = namedtuple("Filters", "min_side min_aesthetic max_watermark max_unsafe drop_unscored",
+                     defaults=(1024, None, None, None, False))
 
 
 class BadImage(Exception):
@@ -58,7 +89,7 @@ class BadImage(Exception):
 
     def __init__(self, reason, detail=""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+        self.reason, self.detail = reason, detail
 
 
 # ---- buckets -------------------------------------------------------------------------------------------------------
@@ -144,7 +175,7 @@ def load_image(src, size, u=0.5, v=0.5):
         img = to_rgb(img)
         w, h = img.size
         scale = max(bw / w, bh / h)
-        cw, ch = bw / scale, bh / scale
+        cw, ch = min(w, bw / scale), min(h, bh / scale)  # bw / (bw / w) can round to w + 1 ulp: a negative offset
         x0, y0 = (w - cw) * u, (h - ch) * v
         return img.resize(size, Image.Resampling.LANCZOS, box=(x0, y0, x0 + cw, y0 + ch), reducing_gap=3.0)
     except Exception as e:  # truncated or corrupt data surfaces only now, when the pixels are decoded
@@ -167,10 +198,10 @@ def decode_caption(raw):
 
 
 def _parse_json(raw):
-    """A sidecar json as a dict; {} when it is unreadable (it only adds a caption or the original size)."""
+    """A sidecar json as a dict; {} when it is unreadable (it only adds a caption, the original size and scores)."""
     try:
         meta = json.loads(decode_caption(raw))
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: thousands of nested brackets
         return {}
     return meta if isinstance(meta, dict) else {}
 
@@ -238,43 +269,217 @@ def demo_sample(seed, i):
     return img, f"a {fg} {shape} on a {bg} background"
 
 
-def _read_caption(stem, stats):
-    for ext in (".txt", ".caption"):
-        if os.path.exists(stem + ext):
-            with open(stem + ext, "rb") as f:
-                return decode_caption(f.read())
-    caption = _json_caption(_read_json(stem + ".json"))
-    stats["missing_captions"] += not caption
-    return caption
+# ---- the scan: what a sample is, whether it is kept --------------------------------------------------------------
+
+def read_scores(meta):
+    """(aesthetic, pwatermark, punsafe) of a sample's json, the LAION columns img2dataset copies into it. Keys match in
+    any case (LAION's parquet says AESTHETIC_SCORE, other tools aesthetic); a score that is absent, null or not a
+    finite number (NaN, "n/a", true, a list) is None."""
+    lower = {str(k).lower(): v for k, v in meta.items()}
+    scores = []
+    for keys in SCORE_KEYS:
+        found = [_score(lower[k]) for k in keys if k in lower]
+        scores.append(next((x for x in found if x is not None), None))
+    return tuple(scores)
 
 
-def _read_json(path):
-    if not os.path.exists(path):
-        return {}
-    with open(path, "rb") as f:
-        return _parse_json(f.read())
+def _score(value):
+    if isinstance(value, bool):  # json true would otherwise read as 1.0
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return value if math.isfinite(value) else None
 
 
-def scan_folder(root, min_side, stats, warn):
-    """Items of every image under root (sorted paths, so indices are stable), filtered on the original shortest side.
-    Reads only headers and sidecars."""
-    paths = sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files
-                   if f.lower().endswith(IMAGE_EXTS))
-    out = []
-    for path in paths:
+def verdict(record, f):
+    """(reason, unscored) for a readable sample under Filters f: reason is the first of DROP_REASONS it fails, or None
+    to keep it; unscored says it lacks a score that an active filter reads."""
+    if min(record.orig) < f.min_side:
+        return "min-side", False
+    unscored = False
+    limits = (f.min_aesthetic, f.max_watermark, f.max_unsafe)
+    for reason, limit, score, sign in zip(DROP_REASONS[1:4], limits, record.scores, (1, -1, -1)):
+        if limit is None:
+            continue
+        if score is None:
+            unscored = True
+        elif sign * (score - limit) < 0:  # min-aesthetic keeps score ≥ limit, the max- filters score ≤ limit
+            return reason, False
+    return ("unscored" if unscored and f.drop_unscored else None), unscored
+
+
+def new_stats():
+    """The counts of a scan: kept, unscored (kept without a score), missing_captions; dropped and bad_files by reason;
+    ignored, a folder's files that are neither images nor sidecars, by extension."""
+    return Counter(kept=0, unscored=0, missing_captions=0, dropped=Counter(), bad_files=Counter(), ignored=Counter())
+
+
+def admit(name, record, f, stats, warn):
+    """Count one scanned sample into stats (a bad file through warn(name, BadImage)); True when training uses it."""
+    if record.error:
+        warn(name, BadImage(*record.error))
+        return False
+    reason, unscored = verdict(record, f)
+    if reason:
+        stats["dropped"][reason] += 1
+        return False
+    stats["kept"] += 1
+    stats["unscored"] += unscored
+    stats["missing_captions"] += not record.captioned
+    return True
+
+
+def _record(meta, w, h, caption=None):
+    """Record of a readable sample; caption None: no caption file, so the json's field (or "", counted as missing)."""
+    text = _json_caption(meta) if caption is None else caption
+    return Record(w, h, _original_size(meta, w, h), read_scores(meta), text, caption is not None or bool(text), None)
+
+
+def _bad(reason, detail=""):
+    return Record(0, 0, (0, 0), (None, None, None), "", False, (reason, detail))
+
+
+def folder_record(path, sidecars):
+    """Record of an image file from its header and the sidecars (of SIDECARS) that exist beside it."""
+    stem = os.path.splitext(path)[0]
+    try:
+        meta = {}
+        if ".json" in sidecars:
+            with open(stem + ".json", "rb") as f:
+                meta = _parse_json(f.read())
+        with open_image(path) as img:  # millions of headers: close each file now, not when collected
+            w, h = upright_size(img)
+        caption = None
+        for ext in (".txt", ".caption"):
+            if ext in sidecars:
+                with open(stem + ext, "rb") as f:
+                    caption = decode_caption(f.read())
+                break
+    except BadImage as e:
+        return _bad(e.reason, e.detail)
+    except OSError as e:  # a sidecar that vanished or cannot be read, a dangling link
+        return _bad("unreadable", f"{type(e).__name__}: {e}")
+    return _record(meta, w, h, caption)
+
+
+def shard_record(files):
+    """(Record, image bytes) of a shard sample {ext: bytes}; the bytes are None for a bad sample."""
+    ext = next((e for e in SHARD_IMAGE_EXTS if e in files), None)
+    if ext is None:
+        return _bad("no image in sample"), None
+    meta = _parse_json(files["json"]) if "json" in files else {}
+    try:
+        w, h = upright_size(open_image(files[ext]))
+    except BadImage as e:
+        return _bad(e.reason, e.detail), None
+    return _record(meta, w, h, decode_caption(files["txt"]) if "txt" in files else None), files[ext]
+
+
+class _Map(torch.utils.data.Dataset):
+    """fn(*args[i]) as a Dataset, so that a DataLoader's worker processes share a scan out."""
+
+    def __init__(self, fn, args):
+        self.fn, self.args = fn, args
+
+    def __len__(self):
+        return len(self.args)
+
+    def __getitem__(self, i):
+        return self.fn(*self.args[i])
+
+
+def _as_is(x):  # a DataLoader's collate_fn for results without tensors (the default would rebuild every tuple)
+    return x
+
+
+def _stamp(path, sidecars):
+    """What invalidates a cached record: the file's mtime and size and its sidecars' mtimes."""
+    try:
+        st = os.stat(path)
         stem = os.path.splitext(path)[0]
-        try:
-            with open_image(path) as img:  # millions of headers: close each file now, not when collected
-                w, h = upright_size(img)
-        except BadImage as e:
-            warn(path, e)
-            continue
-        if min(_original_size(_read_json(stem + ".json"), w, h)) < min_side:
-            stats["dropped_small"] += 1
-            continue
-        out.append(Item(path, path, _read_caption(stem, stats), w, h))
-        stats["kept"] += 1
-    return out
+        return [st.st_mtime_ns, st.st_size] + [os.stat(stem + ext).st_mtime_ns for ext in sidecars]
+    except OSError:  # a dangling link: never cached; folder_record says why it is unreadable
+        return None
+
+
+def _folder_records(tasks):
+    return [folder_record(path, sidecars) for path, sidecars in tasks]
+
+
+def scan_folder(root, filters, stats, warn, workers=0):
+    """(kept Items under root, scan info). Paths are sorted, so indices are stable. Counts go into stats (new_stats),
+    with files that are neither images nor sidecars in stats["ignored"] by extension. A file's record comes from
+    root/SCAN_CACHE when its stamp matches, else from folder_record, in `workers` processes when there are several
+    tasks of SCAN_CHUNK; the cache is then rewritten. info: images, cached, seconds, workers, cache_error (why the
+    cache could not be written, else None)."""
+    t0 = time.perf_counter()
+    found, skip = {}, len(os.path.join(root, ""))  # relative path → (path, sidecars)
+    for folder, _, files in os.walk(root):
+        names = set(files)
+        for name in files:
+            stem, ext = os.path.splitext(name)
+            if ext.lower() in IMAGE_EXTS:
+                path = os.path.join(folder, name)
+                found[path[skip:]] = path, [e for e in SIDECARS if stem + e in names]
+            elif ext.lower() not in SIDECARS and not name.startswith(SCAN_CACHE):  # nor caches being written
+                stats["ignored"][ext.lower() or name] += 1
+    paths = sorted(found)
+    cache_path = os.path.join(root, SCAN_CACHE)
+    cache = _read_cache(cache_path)
+    stamps, records, todo = {}, {}, []
+    for rel in paths:
+        stamps[rel] = stamp = _stamp(*found[rel])
+        hit = cache.get(rel)
+        if stamp is not None and isinstance(hit, list) and len(hit) == 2 and hit[0] == stamp:
+            records[rel] = Record(*hit[1])
+        else:
+            todo.append(rel)
+    tasks = [([found[rel] for rel in todo[k:k + SCAN_CHUNK]],) for k in range(0, len(todo), SCAN_CHUNK)]
+    workers = min(workers, len(tasks)) if len(tasks) > 1 else 0  # for one task, starting processes costs more
+    for k, chunk in enumerate(torch.utils.data.DataLoader(_Map(_folder_records, tasks), batch_size=None,
+                                                          num_workers=workers, collate_fn=_as_is)):
+        records.update(zip(todo[k * SCAN_CHUNK:(k + 1) * SCAN_CHUNK], chunk))
+    error = None
+    if todo or len(cache) != len(paths):
+        error = _write_cache(cache_path, {rel: [stamps[rel], records[rel]] for rel in paths if stamps[rel]})
+    items = []
+    for rel in paths:
+        path, r = found[rel][0], records[rel]
+        if admit(path, r, filters, stats, warn):
+            items.append(Item(path, path, r.caption, r.w, r.h))
+    info = dict(images=len(paths), cached=len(paths) - len(todo), seconds=time.perf_counter() - t0, workers=workers,
+                cache_error=error)
+    return items, info
+
+
+def _read_cache(path):
+    """{relative path: [stamp, record]} of a scan cache; {} when there is none or it is not one this code wrote."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            cache = json.load(f)
+    except (OSError, ValueError, RecursionError):
+        return {}
+    ok = isinstance(cache, dict) and cache.get("zd_scan") == 1 and isinstance(cache.get("files"), dict)
+    return cache["files"] if ok else {}
+
+
+def _write_cache(path, files):
+    """Write the scan cache atomically: a temporary file of a name no other process (or node) has, then a rename.
+    Returns the error's text when it cannot be written."""
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", dir=os.path.dirname(path))
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the cache from others who read the data
+        with open(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"zd_scan": 1, "files": files}, separators=(",", ":")))  # dumps: C, dump: Python
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp and os.path.exists(tmp):
+            os.remove(tmp)
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def read_shard(path, warn):
@@ -322,7 +527,7 @@ def sample_rng(seed, epoch, index, stream=0):
 
 def inpaint_mask(w, h, rng, p_full=0.25):
     """Synthetic inpainting mask [1, h, w] in {0, 1}, 1 = repaint: LaMa-style thick strokes and boxes, or the whole
-    image with probability p_full (SD-inpainting recipe, SPEC §6)."""
+    image with probability p_full (the recipe of the SD 1.5 inpainting model card)."""
     if rng.random() < p_full:
         return torch.ones(1, h, w)
     img = Image.new("L", (w, h), 0)
@@ -423,9 +628,9 @@ class ShardStream(torch.utils.data.IterableDataset):
     reader reads all shards and keeps every n-th sample of each. A sample's index is shard number · 2³² + its ordinal
     in the shard. The reader counts files only in its first epoch, so Loader.stats describes the data once."""
 
-    def __init__(self, shards, buckets, batch_size, rank, world_size, min_side, opts, start=0):
+    def __init__(self, shards, buckets, batch_size, rank, world_size, filters, opts, start=0):
         self.shards, self.buckets, self.b = shards, buckets, batch_size
-        self.rank, self.world, self.min_side, self.opts, self.start = rank, world_size, min_side, opts, start
+        self.rank, self.world, self.filters, self.opts, self.start = rank, world_size, filters, opts, start
 
     def assignment(self, epoch, slot, slots):
         """[(shard number, path)] this reader reads in this epoch, and whether it keeps every slots-th sample only."""
@@ -442,26 +647,9 @@ class ShardStream(torch.utils.data.IterableDataset):
                 if stride and n % slots != slot:
                     continue
                 name = f"{path}:{key}"
-                ext = next((e for e in SHARD_IMAGE_EXTS if e in files), None)
-                if ext is None:
-                    warn(name, BadImage("no image in sample"))
-                    continue
-                meta = _parse_json(files["json"]) if "json" in files else {}
-                try:
-                    w, h = upright_size(open_image(files[ext]))
-                except BadImage as e:
-                    warn(name, e)
-                    continue
-                if min(_original_size(meta, w, h)) < self.min_side:
-                    stats["dropped_small"] += 1
-                    continue
-                if "txt" in files:
-                    caption = decode_caption(files["txt"])
-                else:
-                    caption = _json_caption(meta)
-                    stats["missing_captions"] += not caption
-                stats["kept"] += 1
-                yield (s << 32) + n, Item(name, files[ext], caption, w, h)
+                record, raw = shard_record(files)
+                if admit(name, record, self.filters, stats, warn):
+                    yield (s << 32) + n, Item(name, raw, record.caption, record.w, record.h)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -472,7 +660,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         worker = ((info.id if info else 0) + self.start) % workers
         slot, slots = self.rank * workers + worker, self.world * workers
         skip = max(0, -(-(self.start - worker) // workers))
-        stats, bad, emitted = Counter(), [], 0
+        stats, bad, emitted = new_stats(), [], 0
         buffers = {bkt: [] for bkt in self.buckets}
 
         def warn(name, e):
@@ -481,7 +669,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
         for epoch in itertools.count():
             kept = 0
-            for i, item in self.samples(epoch, slot, slots, stats if epoch == 0 else Counter(), warn):
+            for i, item in self.samples(epoch, slot, slots, stats if epoch == 0 else new_stats(), warn):
                 kept += 1
                 bkt = bucket_for(item.w, item.h, self.buckets)
                 buffers[bkt].append((i, item))
@@ -494,9 +682,11 @@ class ShardStream(torch.utils.data.IterableDataset):
                     continue
                 batch = make_batch(entries, bkt, epoch, position, self.opts)
                 batch["_bad"] = bad + batch["_bad"]
-                batch["_counts"] = dict(stats)
-                bad.clear()  # both were copied into the batch; samples() keeps counting into `stats`
-                stats.clear()
+                # plain dicts: the DataLoader's default_convert copies a mapping and update()s the copy, which for
+                # a Counter adds the counts a second time
+                batch["_counts"] = {k: dict(n) if isinstance(n, dict) else n for k, n in stats.items()}
+                bad.clear()  # both were copied into the batch; samples() keeps counting into `stats`, so it is
+                dict.update(stats, new_stats())  # zeroed in place (Counter.update would add)
                 yield batch
             if not kept:
                 raise RuntimeError(f"shard reader {slot} of {slots} found no usable sample in a whole epoch")
@@ -508,44 +698,59 @@ class Loader:
       (global sample index); epoch, position (ints; resume with start = position + 1); with inpaint=True also
       mask [B, 1, H, W] in {0, 1} (1 = repaint) and masked_pixels [B, 3, H, W].
     sources: folder paths, shard paths/globs (*.tar), "demo" or DemoSource objects; folders and demo mix, shards
-    stand alone. stats counts kept, dropped_small, missing_captions, bad_files (a Counter by reason) and, for folders,
-    dropped_incomplete_per_epoch; batches_per_epoch is the epoch length in global batches (None for shards)."""
+    stand alone. min_side and the score filters (min_aesthetic, max_watermark, max_unsafe, drop_unscored) are those of
+    the module docstring. stats counts as new_stats() does and, for folders, dropped_incomplete_per_epoch; scan is the
+    folder scan's info (scan_folder), batches_per_epoch the epoch length in global batches (None for shards)."""
 
     def __init__(self, sources, batch_size, *, seed=0, rank=0, world_size=1, workers=2, min_side=1024,
+                 min_aesthetic=None, max_watermark=None, max_unsafe=None, drop_unscored=False,
                  bucket_area=512 * 512, bucket_min=384, bucket_max=640, bucket_step=64, caption_dropout=0.1,
                  flip=False, random_crop=False, inpaint=False, pin_memory=False):
         assert seed >= 0 and 0 <= rank < world_size and batch_size >= 1
+        assert all(p is None or 0 <= p <= 1 for p in (max_watermark, max_unsafe)), "pwatermark, punsafe are in [0, 1]"
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.workers, self.pin_memory, self.min_side = workers, pin_memory, min_side
+        self.workers, self.pin_memory = workers, pin_memory
+        self.filters = Filters(min_side, min_aesthetic, max_watermark, max_unsafe, drop_unscored)
         self.opts = dict(seed=seed, caption_dropout=caption_dropout, flip=flip, random_crop=random_crop,
                          inpaint=inpaint)
         self.buckets = buckets(bucket_area, bucket_min, bucket_max, bucket_step)
-        self.stats = Counter(kept=0, dropped_small=0, missing_captions=0)
-        self.stats["bad_files"] = Counter()
+        self.stats = new_stats()
         self._warned = set()
         self._log(f"buckets (w×h): {', '.join(f'{w}×{h}' for w, h in self.buckets)}")
 
         sources = [DemoSource() if s == "demo" else s for s in sources]
+        if any(isinstance(s, str) for s in sources):  # the demo's images are exempt
+            self._log(f"filters: {filters_line(self.filters)}")
         shards = [s for s in sources if isinstance(s, str) and s.endswith(".tar")]
         if shards and len(shards) != len(sources):
             raise ValueError("tar shards cannot be mixed with folder or demo sources in one Loader")
         if shards:
             self.shards = expand_shards(shards)
-            self.batches_per_epoch = None
-            self._log(f"{len(self.shards)} shards, streamed by {world_size} rank(s) × {max(workers, 1)} worker(s); "
-                      f"shortest original side ≥ {min_side}; counts in Loader.stats as they are read")
+            self.batches_per_epoch = self.scan = None
+            self._log(f"{plural(len(self.shards), 'shard')}, streamed by {plural(world_size, 'rank')} × "
+                      f"{plural(max(workers, 1), 'reader')}; counted as they are read (Loader.stats), and logged "
+                      "after the first epoch")
             return
         self.shards = None
-        items = []
+        items, self.scan = [], Counter(images=0, cached=0, seconds=0.0, workers=0)
         for s in sources:
             if isinstance(s, DemoSource):
                 items += s.items()
                 self.stats["kept"] += s.n
-            else:
-                if not os.path.isdir(s):
-                    raise FileNotFoundError(f"no such folder: {s}")
-                # every rank scans the same folder: only rank 0 names its bad files
-                items += scan_folder(s, min_side, self.stats, lambda name, e: self._warn(name, e, self.rank == 0))
+                continue
+            if not os.path.isdir(s):
+                raise FileNotFoundError(f"no such folder: {s} (--data takes image folders, tar shards or 'demo')")
+            # every rank scans the same folder: only rank 0 names its bad files
+            kept, info = scan_folder(s, self.filters, self.stats, lambda name, e: self._warn(name, e, self.rank == 0),
+                                     workers)
+            if not info["images"]:
+                raise FileNotFoundError(f"no image file ({' '.join(IMAGE_EXTS)}) in {s}")
+            items += kept
+            self.scan.update(images=info["images"], cached=info["cached"], seconds=info["seconds"])
+            self.scan["workers"] = info["workers"]
+            self._log(f"scanned {s}: {scan_line(info)}")
+            if info["cache_error"]:
+                self._log(f"could not write its scan cache ({info['cache_error']}): the next scan reads every header")
         bucket_of = [bucket_for(it.w, it.h, self.buckets) for it in items]
         self.dataset = PlannedBatches(items, bucket_of, batch_size, rank, world_size, self.opts)
         self.batches_per_epoch = len(self.dataset)
@@ -553,23 +758,24 @@ class Loader:
         per_bucket = Counter(bucket_of)
         tail = sum(n % g for n in per_bucket.values())
         self.stats["dropped_incomplete_per_epoch"] = tail
-        self._log(f"kept {self.stats['kept']} images, dropped {self.stats['dropped_small']} with shortest side "
-                  f"< {min_side}, {sum(self.stats['bad_files'].values())} bad files "
-                  f"{dict(self.stats['bad_files'])}, {self.stats['missing_captions']} without caption (→ \"\")")
-        self._log("per bucket: " + ", ".join(f"{w}×{h}: {per_bucket[(w, h)]}" for w, h in self.buckets))
-        self._log(f"epoch = {self.batches_per_epoch} global batches of {g}; each epoch leaves out {tail} images, "
-                  f"a bucket's last incomplete global batch (different images every epoch)")
+        self._log(count_line(self.stats))
+        self._log("per bucket: " + ", ".join(f"{w}×{h}: {per_bucket[(w, h)]:,}" for w, h in self.buckets))
+        self._log(f"epoch = {plural(self.batches_per_epoch, 'global batch', 'global batches')} of {g}; each epoch "
+                  f"leaves out {plural(tail, 'image')}, a bucket's last incomplete global batch (different images "
+                  "every epoch)")
         if not self.batches_per_epoch:
-            raise ValueError(f"no bucket holds a full global batch of {g} images")
+            raise ValueError(f"no bucket holds a full global batch of {g} images: lower the batch size, or keep more "
+                             "images (min-side, the score filters)")
 
     def _log(self, msg):
         if self.rank == 0:
-            print(f"data: {msg}", flush=True)
+            _say(f"data: {msg}")
 
-    def _warn(self, name, e, say=True):
-        self.stats["bad_files"][e.reason] += 1
+    def _warn(self, name, e, say=True, stats=None):
+        """Count a bad file into stats (default: Loader.stats) and name it, up to WARN_LIMIT names."""
+        (self.stats if stats is None else stats)["bad_files"][e.reason] += 1
         if say and len(self._warned) < WARN_LIMIT:
-            print(f"data: warning: skipped {name}: {e}", flush=True)
+            _say(f"data: warning: skipped {name}: {e}")
         elif say and len(self._warned) == WARN_LIMIT:
             print("data: warning: further bad files are counted in Loader.stats without a line each", flush=True)
         self._warned.add(name)
@@ -578,19 +784,281 @@ class Loader:
         """Endless batches from global batch position `start` (see the class docstring)."""
         if self.shards is not None:
             dataset = ShardStream(self.shards, self.buckets, self.batch_size, self.rank, self.world_size,
-                                  self.min_side, self.opts, start)
+                                  self.filters, self.opts, start)
             sampler = None
         else:
             dataset, sampler = self.dataset, itertools.count(start)
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=self.workers,
                                              pin_memory=self.pin_memory)
+        readers, done = max(self.workers, 1), set()  # shard readers that have finished their first epoch
         for batch in loader:
-            for key, n in batch.pop("_counts", {}).items():
-                self.stats[key] += n
+            merge_counts(self.stats, batch.pop("_counts", {}))
             for name, reason, detail in batch.pop("_bad"):
                 if name not in self._warned:  # a folder's bad file fails again every epoch: count it once
                     self._warn(name, BadImage(reason, detail.partition(": ")[2]))
+            if self.shards is not None and batch["epoch"] > 0 and len(done) < readers:
+                done.add(batch["position"] % readers)  # a reader's positions are its number mod readers
+                if len(done) == readers:  # its counts travel with its batches: all of epoch 0 has arrived
+                    rank = " of rank 0" if self.world_size > 1 else ""
+                    self._log(f"first epoch over the shards{rank}: {count_line(self.stats)}")
             if "pixels" not in batch:
                 print(f"data: warning: batch {batch['position']} had no decodable image and was skipped", flush=True)
                 continue
             yield batch
+
+    def survey(self, sheet=None, per_bucket=16, count_tokens=None):
+        """The data side of training without a model (`zd.py data`): the counts (for shards, one pass over them reading
+        headers), images per bucket, batches per epoch, caption statistics and scan speed, logged and returned as the
+        dict `zd.py data --json` prints. With `sheet` a folder, one contact sheet per bucket of up to per_bucket of its
+        images, a seeded uniform draw, as training crops them in epoch 0. count_tokens(captions) → their token counts
+        (zd.py passes CLIP's tokenizer) counts the captions that the text encoder truncates."""
+        seed, g = self.opts["seed"], self.batch_size * self.world_size
+        per_bkt, words, captions = Counter(), Counter(), Counter(empty=0, over_75_tokens=0)
+        picks = {}  # bucket → the per_bucket (priority, index, Item) of lowest priority
+
+        def tally(kept):  # [(bucket, caption)] of kept samples
+            per_bkt.update(b for b, _ in kept)
+            texts = [c for _, c in kept]
+            captions["empty"] += texts.count("")
+            for c in texts:  # words of letters; a "word" of 40 letters or more is not one
+                words.update(w for w in re.findall(r"[^\W\d_]{2,}", c.lower()) if w not in STOPWORDS and len(w) < 40)
+            if count_tokens and texts:
+                captions["over_75_tokens"] += sum(n > 75 for n in count_tokens(texts))
+
+        if self.shards is None:
+            stats, scan = self.stats, dict(self.scan)
+            items, bucket_of = self.dataset.items, self.dataset.bucket_of
+            for k in range(0, len(items), 4096):
+                tally([(bucket_of[i], items[i].caption) for i in range(k, min(k + 4096, len(items)))])
+            for bkt, members in self.dataset.members.items():
+                picks[bkt] = heapq.nsmallest(per_bucket, ((_priority(seed, i), i, items[i]) for i in members))
+            per_epoch, left_out, trained = self.batches_per_epoch, stats["dropped_incomplete_per_epoch"], None
+        else:
+            stats, t0 = new_stats(), time.perf_counter()
+            workers = min(self.workers, len(self.shards))
+            tasks = [(s, path, self.filters, self.buckets, seed, per_bucket) for s, path in enumerate(self.shards)]
+            for r in torch.utils.data.DataLoader(_Map(_survey_shard, tasks), batch_size=None, num_workers=workers,
+                                                 collate_fn=_as_is):
+                t1 = time.perf_counter()  # the time spent here on the statistics is not the scan's
+                merge_counts(stats, r["stats"])
+                for name, reason, detail in r["bad"]:
+                    self._warn(name, BadImage(reason, detail), stats=stats)
+                tally(r["kept"])
+                for bkt, entries in r["picks"].items():
+                    picks[bkt] = heapq.nsmallest(per_bucket, picks.get(bkt, []) + entries)
+                t0 += time.perf_counter() - t1
+            n = stats["kept"] + sum(stats["dropped"].values()) + sum(stats["bad_files"].values())
+            scan = dict(images=n, cached=0, seconds=time.perf_counter() - t0, workers=workers)
+            self._log(f"scanned {plural(len(self.shards), 'shard')}: {scan_line(scan)}")
+            self._log(count_line(stats))
+            if not stats["kept"]:
+                raise ValueError("no sample of the shards passes the filters: lower min-side or the score filters")
+            self._log("per bucket: " + ", ".join(f"{w}×{h}: {per_bkt[(w, h)]:,}" for w, h in self.buckets))
+            per_epoch, left_out, trained = stats["kept"] // g, 0, stats["kept"]
+            self._log(f"epoch ≈ {plural(per_epoch, 'global batch', 'global batches')} of {g}; nothing is left out: "
+                      "a bucket's incomplete batch waits in its reader for the next epoch")
+        trained = per_epoch * g if trained is None else trained
+        dropout = round(self.opts["caption_dropout"] * trained)
+        self._log(f"captions: empty {captions['empty']:,}; caption dropout {self.opts['caption_dropout']:g} trains "
+                  f"≈ {dropout:,} of an epoch's {plural(trained, 'image')} on \"\"" +
+                  (f"; over 75 tokens {captions['over_75_tokens']:,} (truncated by CLIP)" if count_tokens else ""))
+        self._log("most frequent words: " + (", ".join(f"{w} {n:,}" for w, n in words.most_common(12)) or "none"))
+        sheets = self._sheets(sheet, picks, per_bkt) if sheet else {}
+        dropped = {r: stats["dropped"][r] for r in DROP_REASONS}
+        dropped.update(sorted(stats["bad_files"].items()))
+        scan.update(seconds=round(scan["seconds"], 3), images_per_s=round(scan["images"] / max(scan["seconds"], 1e-9)))
+        return dict(found=stats["kept"] + sum(dropped.values()), kept=stats["kept"], dropped=dropped,
+                    unscored=stats["unscored"], missing_captions=stats["missing_captions"],
+                    ignored=dict(stats["ignored"]), buckets={f"{w}x{h}": per_bkt[(w, h)] for w, h in self.buckets},
+                    batches=dict(global_batch=g, per_epoch=per_epoch, left_out_per_epoch=left_out,
+                                 exact=self.shards is None),
+                    captions=dict(empty=captions["empty"], dropout_per_epoch=dropout,
+                                  over_75_tokens=captions["over_75_tokens"] if count_tokens else None,
+                                  words=words.most_common(12)),
+                    scan=scan, sheets=sheets)
+
+    def _sheets(self, folder, picks, per_bkt):
+        """Write folder/WxH.png for each bucket with images (contact_sheet); {"WxH": {path, tiles}} with each tile's
+        sample name, caption and box on the sheet."""
+        os.makedirs(folder, exist_ok=True)
+        opts = dict(self.opts, caption_dropout=0.0, inpaint=False)  # epoch 0's crop and flip; captions not dropped
+        sheets = {}
+        for (w, h), entries in sorted(picks.items()):
+            tiles = []
+            for _, i, item in sorted(entries, key=lambda e: e[1]):
+                batch = make_batch([(i, item)], (w, h), 0, 0, opts)
+                if "pixels" not in batch:  # passed the header check, fails to decode: training skips it too
+                    self._log(f"warning: not on the sheet: {batch['_bad'][0][2]} ({item.name})")
+                    continue
+                pixels = ((batch["pixels"][0] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+                tiles.append((item.name, item.caption, pixels))
+            if not tiles:
+                continue
+            path = os.path.join(folder, f"{w}x{h}.png")
+            title = f"{w}x{h}: {len(tiles)} of {plural(per_bkt[(w, h)], 'image')}, cropped as in epoch 0"
+            boxes = contact_sheet([(c, px) for _, c, px in tiles], path, title)
+            sheets[f"{w}x{h}"] = dict(path=path, tiles=[dict(name=name, caption=c, box=list(box))
+                                                        for (name, c, _), box in zip(tiles, boxes)])
+        self._log("contact sheets: " + (", ".join(f"{s['path']} ({plural(len(s['tiles']), 'image')})"
+                                                  for s in sheets.values()) or "none (no image decodes)"))
+        return sheets
+
+
+# ---- survey helpers: counts in words, the shard pass, contact sheets -----------------------------------------------
+
+STOPWORDS = set("a an and are as at be by for from in into is it its of on or that the this to with".split())
+SHEET_MIN_TILE = 160  # crops narrower than this are enlarged by a whole factor, so that their captions stay legible
+SHEET_LINES = 3  # caption lines under each crop
+
+
+def _say(line):
+    """print, escaping what UTF-8 cannot encode: os.walk hands over a file name that is not UTF-8 as surrogates."""
+    print(line.encode("utf-8", "backslashreplace").decode("utf-8"), flush=True)
+
+
+def plural(n, word, words=None):
+    return f"{n:,} {word if n == 1 else words or word + 's'}"
+
+
+def filters_line(f):
+    """Filters in words, for the log."""
+    parts = [f"original shortest side ≥ {f.min_side}"]
+    for name, limit, op in (("aesthetic", f.min_aesthetic, "≥"), ("pwatermark", f.max_watermark, "≤"),
+                            ("punsafe", f.max_unsafe, "≤")):
+        parts += [f"{name} {op} {limit:g}"] if limit is not None else []
+    scored = len(parts) > 1
+    return ", ".join(parts) + ("; unscored images dropped" if f.drop_unscored and scored else
+                               "; unscored images kept" if scored else "; no score filter")
+
+
+def count_line(stats):
+    """A scan's counts in one line, the same in the training log and in `zd.py data`."""
+    dropped = [(r, stats["dropped"][r]) for r in DROP_REASONS] + sorted(stats["bad_files"].items())
+    dropped = [(r, n) for r, n in dropped if n]
+    found = stats["kept"] + sum(n for _, n in dropped)
+    line = f"kept {stats['kept']:,} of {plural(found, 'image')}; dropped "
+    line += ", ".join(f"{r} {n:,}" for r, n in dropped) if dropped else "none"
+    if stats["unscored"]:
+        line += f"; unscored but kept {stats['unscored']:,}"
+    if stats["missing_captions"]:
+        line += f"; without caption {stats['missing_captions']:,} (→ \"\")"
+    if stats["ignored"]:
+        line += "; ignored (not images) " + ", ".join(f"{e} {n:,}" for e, n in sorted(stats["ignored"].items()))
+    return line
+
+
+def scan_line(info):
+    rate = info["images"] / max(info["seconds"], 1e-9)
+    how = f"{plural(info['workers'], 'worker process', 'worker processes')}" if info["workers"] else "one process"
+    cached = f", {info['cached']:,} from its scan cache" if info["cached"] else ""
+    return f"{plural(info['images'], 'image')} in {info['seconds']:.1f} s ({rate:,.0f} images/s, {how}{cached})"
+
+
+def merge_counts(stats, counts):
+    """Add counts of new_stats() form into stats."""
+    for key, n in counts.items():
+        if isinstance(n, dict):
+            stats[key].update(n)
+        else:
+            stats[key] += n
+
+
+def _priority(seed, index):
+    """A sample's rank in the contact sheets' seeded draw: the lowest of each bucket are shown. A hash of (seed, index),
+    so the draw is uniform and does not depend on which worker scans the sample."""
+    return hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+
+
+def _survey_shard(s, path, filters, buckets, seed, k):
+    """One shard of Loader.survey, in a worker process: its counts and bad files, the (bucket, caption) of each kept
+    sample, and per bucket the k kept samples of lowest _priority with their bytes."""
+    stats, bad, kept, picks = new_stats(), [], [], {}
+
+    def warn(name, e):
+        bad.append((name, e.reason, e.detail))
+
+    for n, (key, files) in enumerate(read_shard(path, warn)):
+        name = f"{path}:{key}"
+        record, raw = shard_record(files)
+        if not admit(name, record, filters, stats, warn):
+            continue
+        bkt, i = bucket_for(record.w, record.h, buckets), (s << 32) + n  # the index ShardStream gives it
+        kept.append((bkt, record.caption))
+        picks.setdefault(bkt, []).append((_priority(seed, i), i, Item(name, raw, record.caption, record.w, record.h)))
+        if len(picks[bkt]) > 2 * k:  # hold at most 2k images' bytes per bucket
+            picks[bkt] = heapq.nsmallest(k, picks[bkt])
+    return dict(stats=stats, bad=bad, kept=kept, picks={b: heapq.nsmallest(k, e) for b, e in picks.items()})
+
+
+def contact_sheet(tiles, path, title):
+    """Write a PNG grid of crops [H, W, 3] uint8 of one bucket, each with its caption underneath in up to SHEET_LINES
+    lines (cut with "…"; an empty caption shows as ""), under a title line. Crops narrower than SHEET_MIN_TILE are
+    enlarged by a whole factor, by pixel copies. Returns each crop's box (x0, y0, x1, y1) on the sheet."""
+    h, w = tiles[0][1].shape[:2]
+    scale = max(1, -(-SHEET_MIN_TILE // w))
+    tw, th = w * scale, h * scale
+    font = ImageFont.load_default(max(12, tw // 28))  # legible when a wide sheet is shown scaled down
+    line_h, pad = font.getbbox("Ág")[3] + 3, 6
+    cols = math.ceil(math.sqrt(len(tiles)))
+    rows = -(-len(tiles) // cols)
+    top, cell_h = line_h + 2 * pad, th + SHEET_LINES * line_h + pad + 4
+    sheet = Image.new("RGB", (pad + cols * (tw + pad), top + rows * cell_h), (32, 32, 32))
+    draw = ImageDraw.Draw(sheet)
+    draw.text((pad, pad), _drawable(title, font), font=font, fill=(255, 255, 255))
+    boxes = []
+    for k, (caption, pixels) in enumerate(tiles):
+        x, y = pad + (k % cols) * (tw + pad), top + (k // cols) * cell_h
+        sheet.paste(Image.fromarray(pixels).resize((tw, th), Image.Resampling.NEAREST), (x, y))
+        lines = _wrap(_drawable(caption, font), font, tw, SHEET_LINES) if caption else ['""']
+        for j, line in enumerate(lines):
+            draw.text((x, y + th + 2 + j * line_h), line, font=font, fill=(225, 225, 225) if caption else (130,) * 3)
+        boxes.append((x, y, x + tw, y + th))
+    sheet.save(path)
+    return boxes
+
+
+def _drawable(text, font):
+    """PIL's built-in bitmap font (Pillow without FreeType) draws Latin-1 only."""
+    return text if isinstance(font, ImageFont.FreeTypeFont) else text.encode("latin-1", "replace").decode("latin-1")
+
+
+def _wrap(text, font, width, lines):
+    """text in at most `lines` lines of at most `width` px, broken at a space where there is one; "…" ends a cut."""
+    rest, out = text[:100 * lines], []  # no more than this fits on the lines
+    while rest and len(out) < lines:
+        lo, hi = 1, len(rest)
+        while lo < hi:  # the longest prefix that fits (one character at least)
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if font.getlength(rest[:mid]) <= width else (lo, mid - 1)
+        cut = rest.rfind(" ", 0, lo + 1) if lo < len(rest) else lo
+        cut = cut if cut > 0 else lo
+        out.append(rest[:cut])
+        rest = rest[cut:].lstrip()
+    if rest or len(text) > 100 * lines:
+        last = out[-1]
+        while last and font.getlength(last + "…") > width:
+            last = last[:-1]
+        out[-1] = last.rstrip() + "…"
+    return out
+
+
+def write_scan_folder(folder, n=10000, seed=0, scale=1):
+    """n demo images (demo_sample) enlarged `scale` times as JPEGs, 1000 to a sub-folder, each with its caption in a
+    .txt and a .json as img2dataset writes it: the original size (16 times the demo's, 1024–1536 px) and LAION-style
+    scores, AESTHETIC_SCORE or aesthetic, pwatermark, punsafe, one in ten without an aesthetic score. The input of
+    the README's scan speeds (scale 1: small files, so the scan's cost per file is what is timed) and contact sheet."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        img, caption = demo_sample(seed, i)
+        meta = {"caption": caption, "original_width": img.width * 16, "original_height": img.height * 16,
+                "AESTHETIC_SCORE" if i % 2 else "aesthetic": round(rng.normal(5.5, 0.8), 2),
+                "pwatermark": round(rng.beta(0.5, 2), 3), "punsafe": round(rng.beta(0.3, 5), 3)}
+        if i % 10 == 0:
+            meta.pop("AESTHETIC_SCORE" if i % 2 else "aesthetic")
+        stem = os.path.join(folder, f"{i // 1000:03d}", f"{i:06d}")
+        os.makedirs(os.path.dirname(stem), exist_ok=True)
+        img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST).save(stem + ".jpg", quality=90)
+        with open(stem + ".txt", "w", encoding="utf-8") as f:
+            f.write(caption)
+        with open(stem + ".json", "w", encoding="utf-8") as f:
+            json.dump(meta, f)

@@ -704,7 +704,8 @@ def test_schedule_cli(capsys):
 
 def test_cli_help_lists_every_subcommand():
     out = subprocess.run([sys.executable, "zd.py", "--help"], cwd=HERE, capture_output=True, text=True, check=True).stdout
-    commands = [c for c in ("schedule", "vectors", "check", "convert", "merge", "inspect", "train", "sample", "demo")
+    commands = [c for c in ("schedule", "vectors", "check", "convert", "merge", "inspect", "train", "sample", "demo",
+                            "data")
                 if f"    {c} " in out]
     assert {"schedule", "vectors", "check"} <= set(commands)
     for c in commands:
@@ -769,7 +770,8 @@ def test_linear_aspect_metric_would_not_be_transpose_symmetric():
     assert data.bucket_for(1140, 1000, data.buckets()) == data.bucket_for(1000, 1140, data.buckets())[::-1]
 
 
-@pytest.mark.parametrize("w, h", [(1, 1), (20000, 10), (10, 20000), (1537, 1024), (700, 1300), (64, 64)])
+@pytest.mark.parametrize("w, h", [(1, 1), (20000, 10), (10, 20000), (1537, 1024), (700, 1300), (64, 64),
+                                  (1207, 2009), (47, 79)])  # the last two: the crop width rounds to w + 1 ulp
 def test_crops_keep_the_bucket_size_exactly(w, h):
     src = io.BytesIO()
     Image.new("RGB", (w, h), (10, 200, 30)).save(src, "PNG")
@@ -933,7 +935,7 @@ def test_min_side_filter_uses_original_size_from_json(tmp_path):
     (tmp_path / "big.jpg").write_bytes(_data_noise_jpeg((1100, 1024)))
     (tmp_path / "big.txt").write_text("a photo")
     loader = data.Loader([str(tmp_path)], 1, workers=0)
-    assert (loader.stats["kept"], loader.stats["dropped_small"], loader.stats["missing_captions"]) == (2, 1, 1)
+    assert (loader.stats["kept"], loader.stats["dropped"]["min-side"], loader.stats["missing_captions"]) == (2, 1, 1)
     assert sorted(b["captions"][0] for b in _data_take(loader.batches(), 2)) in (["", "a photo"],)
 
 
@@ -982,7 +984,8 @@ def test_captions_in_odd_encodings_and_long_captions(tmp_path):
     long = " ".join(["a very long caption"] * 40)  # ≈ 160 tokens: kept whole, the tokenizer truncates
     (tmp_path / "d.png").write_bytes(_data_png())
     (tmp_path / "d.json").write_text(json.dumps({"caption": long}))
-    assert [it.caption for it in data.scan_folder(str(tmp_path), 1, Counter(), None)] == [text] * 3 + [long]
+    items, _ = data.scan_folder(str(tmp_path), data.Filters(1), data.new_stats(), None)
+    assert [it.caption for it in items] == [text] * 3 + [long]
 
 
 def test_tar_shard_cut_mid_member_keeps_the_good_samples(tmp_path):
@@ -1021,9 +1024,9 @@ def test_shard_split_over_2_ranks_x_2_workers_sees_each_sample_once(tmp_path, n_
         seen = []
         for rank in (0, 1):
             stream = data.ShardStream(shards, data.buckets(**{"area": 1024, "min_side": 24, "max_side": 40,
-                                                               "step": 8}), 2, rank, 2, 1024, opts)
+                                                               "step": 8}), 2, rank, 2, data.Filters(1024), opts)
             for worker in (0, 1):
-                seen += [i for i, _ in stream.samples(epoch, rank * 2 + worker, 4, Counter(), None)]
+                seen += [i for i, _ in stream.samples(epoch, rank * 2 + worker, 4, data.new_stats(), None)]
         assert sorted(seen) == sorted((s << 32) + k for s in range(n_shards) for k in range(6))
 
 
@@ -1038,6 +1041,257 @@ def test_shard_loader_with_two_workers_resumes_at_a_position(tmp_path):
     resumed = _data_take(loader.batches(start=5), 3)
     assert [b["index"].tolist() for b in resumed] == [b["index"].tolist() for b in run[5:]]
     assert loader.stats["kept"] >= 12 and loader.stats["missing_captions"] == 0
+
+
+# Score filters, the scan and its cache, `zd.py data`.
+
+# Samples whose json carries LAION's three scores, with the key cases and broken values met in the wild. Each json
+# also gets an original size of 2000×1500 (h overrides it); i (no json) and j (a cut-off json, so read as none) have
+# no original size, so their 1100×1100 headers are read instead. The rest are 16×16 PNGs.
+_DATA_SCORED = {
+    "a": '{"AESTHETIC_SCORE": 6.1, "pwatermark": 0.1, "punsafe": 0.01}',
+    "b": '{"aesthetic": 4.2, "pwatermark": 0.05, "punsafe": 0.02}',
+    "c": '{"Aesthetic_Score": 5.0, "PWATERMARK": 0.9, "punsafe": 0}',  # 5.0 passes ≥ 5
+    "d": '{"aesthetic_score": 7, "pwatermark": 0.2, "PUNSAFE": 0.6}',
+    "e": '{"pwatermark": 0.3, "punsafe": 0.1}',  # no aesthetic score
+    "f": '{"aesthetic": "n/a", "pwatermark": null, "punsafe": "0.05"}',  # a number in a string is a number
+    "g": '{"aesthetic": true, "pwatermark": [0.1], "punsafe": NaN}',
+    "h": '{"aesthetic": 6.5, "pwatermark": 0.1, "punsafe": 0, "original_width": 800, "original_height": 600}',
+    "i": None,
+    "j": '{"aesthetic": 9, ',
+    "k": '{"aesthetic": 3.0, "pwatermark": 0.95, "punsafe": 0.9}',  # fails all three: counted once, as min-aesthetic
+    "m": '{"pwatermark": 0.7}',  # fails one filter, lacks the others' scores: counted as that filter's
+}
+# (min_aesthetic, max_watermark, max_unsafe, drop_unscored) → kept, kept without a score an active filter reads, and
+# dropped by the score filters; h is dropped by min-side in every case, before its scores are read.
+_DATA_FILTER_CASES = [
+    ((None, None, None, False), 11, 0, {}),
+    ((5, None, None, False), 9, 6, {"min-aesthetic": 2}),
+    ((None, 0.5, None, False), 8, 4, {"max-watermark": 3}),
+    ((None, None, 0.5, False), 9, 4, {"max-unsafe": 2}),
+    ((5, 0.5, 0.5, False), 6, 5, {"min-aesthetic": 2, "max-watermark": 2, "max-unsafe": 1}),
+    ((5, 0.5, 0.5, True), 1, 0, {"min-aesthetic": 2, "max-watermark": 2, "max-unsafe": 1, "unscored": 5}),
+    ((5, None, None, True), 3, 0, {"min-aesthetic": 2, "unscored": 6}),
+    ((None, None, None, True), 11, 0, {}),
+]
+TINY_FLAGS = ["--bucket-area", "1024", "--bucket-min", "24", "--bucket-max", "40", "--bucket-step", "8"]  # TINY
+
+
+def _data_scored_files():
+    """{key: {ext: bytes}} of the _DATA_SCORED samples, plus l, whose image is not one."""
+    samples = {}
+    for key, text in _DATA_SCORED.items():
+        files = {"png": _data_png((1100, 1100) if key in "ij" else (16, 16)), "txt": f"caption of {key}".encode()}
+        if text is not None:
+            files["json"] = text.replace("{", '{"original_width": 2000, "original_height": 1500, ', 1).encode()
+        samples[key] = files
+    samples["l"] = {"jpg": b"<html>404 not found</html>", "txt": b"caption of l"}
+    return samples
+
+
+def _data_scored_folder(folder):
+    folder.mkdir()
+    for key, files in _data_scored_files().items():
+        for ext, raw in files.items():
+            (folder / f"{key}.{ext}").write_bytes(raw)
+    return str(folder)
+
+
+def _data_scored_shard(path):
+    """The same samples as a shard, and n, a sample without an image."""
+    return _data_shard(path, list(_data_scored_files().items()) + [("n", {"txt": b"caption of n"})])
+
+
+@pytest.mark.parametrize("flags, kept, unscored, dropped", _DATA_FILTER_CASES)
+def test_score_filters_count_each_sample_once_in_folders_and_shards(tmp_path, flags, kept, unscored, dropped):
+    kw = dict(zip(("min_aesthetic", "max_watermark", "max_unsafe", "drop_unscored"), flags), workers=0, **TINY)
+    loader = data.Loader([_data_scored_folder(tmp_path / "f")], 1, **kw)
+    assert (loader.stats["kept"], loader.stats["unscored"]) == (kept, unscored)
+    assert {r: n for r, n in loader.stats["dropped"].items() if n} == {"min-side": 1, **dropped}
+    assert dict(loader.stats["bad_files"]) == {"not an image": 1}
+    report = data.Loader([_data_scored_shard(tmp_path / "s.tar")], 1, **kw).survey()
+    assert (report["found"], report["kept"], report["unscored"]) == (14, kept, unscored)
+    assert {r: n for r, n in report["dropped"].items() if n} == {"min-side": 1, **dropped, "not an image": 1,
+                                                                 "no image in sample": 1}
+
+
+def test_read_scores_matches_keys_in_any_case_and_refuses_non_numbers():
+    assert data.read_scores({"AESTHETIC_SCORE": None, "aesthetic": 6, "PWatermark": "0.25"}) == (6.0, 0.25, None)
+    assert data.read_scores({"aesthetic_score": 5.5, "aesthetic": 1}) == (5.5, None, None)  # the LAION name first
+    huge = json.loads('{"aesthetic": 1e999, "pwatermark": 1' + "0" * 400 + ', "punsafe": false}')  # inf; too big
+    assert data.read_scores(huge) == (None, None, None) and data.read_scores({}) == (None, None, None)
+
+
+def test_counts_in_words_use_singular_and_plural():
+    stats = data.new_stats()
+    stats["kept"], stats["dropped"]["min-side"] = 1, 1
+    assert data.count_line(stats) == "kept 1 of 2 images; dropped min-side 1"
+    stats["dropped"]["min-side"] = 0
+    assert data.count_line(stats) == "kept 1 of 1 image; dropped none"
+    info = dict(images=1, cached=0, seconds=0.5, workers=1)
+    assert data.scan_line(info) == "1 image in 0.5 s (2 images/s, 1 worker process)"
+
+
+def test_scan_cache_reads_no_header_twice_and_follows_changes(tmp_path, monkeypatch):
+    folder = _data_scored_folder(tmp_path / "f")
+    scan = lambda: data.scan_folder(folder, data.Filters(1), data.new_stats(), lambda name, e: None)
+    first, info = scan()
+    assert (info["images"], info["cached"], len(first)) == (13, 0, 12)
+    opened, open_image = [], data.open_image
+    monkeypatch.setattr(data, "open_image", lambda src: opened.append(os.path.basename(src)) or open_image(src))
+    again, info = scan()
+    assert again == first and info["cached"] == 13 and opened == []
+    # an edited caption, a replaced image, a removed one; mtimes set a second on, as a later edit would have them
+    later = time.time_ns() + 10 ** 9
+    (tmp_path / "f" / "a.txt").write_text("a new caption")
+    (tmp_path / "f" / "c.png").write_bytes(_data_png((24, 8)))
+    for name in ("a.txt", "c.png"):
+        os.utime(tmp_path / "f" / name, ns=(later, later))
+    (tmp_path / "f" / "b.png").unlink()
+    items, info = scan()
+    assert sorted(opened) == ["a.png", "c.png"] and (info["images"], info["cached"]) == (12, 10)
+    by_name = {os.path.basename(it.name): it for it in items}
+    assert by_name["a.png"].caption == "a new caption" and (by_name["c.png"].w, by_name["c.png"].h) == (24, 8)
+    # a cache that is not one, and one that cannot be written (a folder in its place): scanned again, no error
+    (tmp_path / "f" / data.SCAN_CACHE).write_text('{"zd_scan": 1, "files": [')
+    assert scan()[0] == items and len(opened) == 2 + 12
+    os.remove(tmp_path / "f" / data.SCAN_CACHE)
+    os.mkdir(tmp_path / "f" / data.SCAN_CACHE)
+    items_again, info = scan()
+    assert items_again == items and info["cache_error"].startswith("IsADirectoryError")
+
+
+def test_parallel_scan_equals_the_scan_in_one_process(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "SCAN_CHUNK", 3)  # 13 images: 5 tasks for 2 worker processes
+    folder = _data_scored_folder(tmp_path / "f")
+    runs = []
+    for workers in (0, 2):
+        stats, warned = data.new_stats(), []
+        items, info = data.scan_folder(folder, data.Filters(1, 5), stats, lambda name, e: warned.append(name), workers)
+        runs.append((items, stats, warned, info["workers"]))
+        os.remove(os.path.join(folder, data.SCAN_CACHE))
+    assert runs[0][:3] == runs[1][:3] and (runs[0][3], runs[1][3]) == (0, 2)
+
+
+def test_write_scan_folder_writes_the_readme_example(tmp_path):
+    """The README's synthetic folder: captions beside the images, one in ten without an aesthetic score, the two
+    spellings of the aesthetic key, original sizes of 1024–1536 px."""
+    data.write_scan_folder(str(tmp_path), 30)
+    report = data.Loader([str(tmp_path)], 1, workers=0, min_aesthetic=0, **TINY).survey()
+    assert (report["found"], report["kept"], report["unscored"], report["missing_captions"]) == (30, 30, 3, 0)
+    metas = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("000/*.json"))]
+    assert {"aesthetic", "AESTHETIC_SCORE"} <= {k for m in metas for k in m}
+    assert min(min(m["original_width"], m["original_height"]) for m in metas) >= 1024
+
+
+def test_contact_sheets_are_the_training_crops_with_their_captions(tmp_path):
+    folder = tmp_path / "f"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(10):  # 4 square images, 3 wide, 3 tall
+        w, h = [(40, 40), (48, 30), (30, 48)][k % 3]
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{k:02d}.png")
+        (folder / f"{k:02d}.txt").write_text(f"caption  {k} " + "long " * (80 if k == 3 else 0))
+    loader = data.Loader([str(folder)], 1, workers=0, min_side=1, flip=True, random_crop=True, caption_dropout=0.5,
+                         seed=5, **TINY)
+    tokens = model.Tokenizer.default()
+    report = loader.survey(str(tmp_path / "sheets"), 2, lambda texts: [len(t) for t in tokens.tokens(texts)])
+    assert report["captions"]["over_75_tokens"] == 1 and report["captions"]["dropout_per_epoch"] == 5
+    crops = {int(b["index"][0]): b["pixels"][0] for b in _data_take(loader.batches(), 10)}  # epoch 0, batch size 1
+    names = [it.name for it in loader.dataset.items]
+    assert sorted(report["sheets"]) == ["24x40", "32x32", "40x24"]
+    for bucket, sheet in report["sheets"].items():
+        bw, bh = map(int, bucket.split("x"))
+        img = np.asarray(Image.open(sheet["path"]).convert("RGB"))
+        assert len(sheet["tiles"]) == 2 and sheet["path"] == str(tmp_path / "sheets" / f"{bucket}.png")
+        for tile in sheet["tiles"]:
+            x0, y0, x1, y1 = tile["box"]
+            scale = (x1 - x0) // bw
+            assert (x1 - x0, y1 - y0) == (bw * scale, bh * scale)  # the bucket's aspect, enlarged by a whole factor
+            crop = crops[names.index(tile["name"])]
+            assert np.array_equal(img[y0:y1:scale, x0:x1:scale],
+                                  ((crop + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+            assert tile["caption"] == " ".join(open(tile["name"][:-4] + ".txt").read().split())
+            assert img[y1 + 2:y1 + 16, x0:x1].max() > 200  # light caption text under the tile
+
+
+def test_sheet_captions_wrap_to_their_lines_and_width():
+    font = data.ImageFont.load_default(15)
+    for text in ["a b " * 300, "x" * 100000, "short"]:
+        lines = data._wrap(text, font, 160, 3)
+        assert 1 <= len(lines) <= 3 and all(font.getlength(line) <= 160 for line in lines)
+        assert lines[-1].endswith("…") == (text != "short")
+    assert data._wrap("one two three", font, 1000, 3) == ["one two three"]
+
+
+def test_zd_data_json_report(tmp_path, capsys):
+    folder = _data_scored_folder(tmp_path / "f")
+    zd.main(["data", "--data", folder, "--json", "--min-aesthetic", "5", "--batch-size", "1", "--per-bucket", "2",
+             "--sheet", str(tmp_path / "sheets"), *TINY_FLAGS])
+    out = capsys.readouterr()
+    report = json.loads(out.out)  # the log went to stderr
+    assert set(report) == {"found", "kept", "dropped", "unscored", "missing_captions", "ignored", "buckets", "batches",
+                           "captions", "scan", "sheets"}
+    assert (report["found"], report["kept"], report["unscored"], report["missing_captions"]) == (13, 9, 6, 0)
+    assert report["dropped"] == {"min-side": 1, "min-aesthetic": 2, "max-watermark": 0, "max-unsafe": 0,
+                                 "unscored": 0, "not an image": 1}
+    assert report["buckets"] == {"24x40": 0, "32x32": 9, "40x24": 0}
+    assert report["batches"] == dict(global_batch=1, per_epoch=9, left_out_per_epoch=0, exact=True)
+    assert report["captions"] == dict(empty=0, dropout_per_epoch=1, over_75_tokens=0, words=[["caption", 9]])
+    assert set(report["scan"]) == {"images", "cached", "seconds", "images_per_s", "workers"}
+    assert list(report["sheets"]) == ["32x32"] and len(report["sheets"]["32x32"]["tiles"]) == 2
+    assert "data: kept 9 of 13 images; dropped min-side 1, min-aesthetic 2, not an image 1" in out.err
+
+
+def test_zd_data_user_errors_are_one_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    folder = _data_scored_folder(tmp_path / "f")
+    for flags, message in [(["--data", str(tmp_path / "nope")], "data: no such folder: .*nope"),
+                           (["--data", str(tmp_path / "empty")], "data: no image file .* in .*empty"),
+                           (["--data", str(tmp_path / "*.tar")], "data: no shard matches"),
+                           (["--data", folder, "--min-aesthetic", "9", "--drop-unscored"], "data: no bucket holds"),
+                           (["--data", folder, "--batch-size", "0"], "data: --batch-size")]:
+        with pytest.raises(SystemExit, match=message):
+            zd.main(["data", *flags, "--sheet", ""])
+    with pytest.raises(SystemExit) as e:
+        zd.main(["data", "--data", folder, "--max-watermark", "1.5"])
+    assert e.value.code == 2 and "1.5 is not a probability in [0, 1]" in capsys.readouterr().err
+
+
+def test_zd_data_on_a_hostile_folder_never_crashes(tmp_path, capsys):
+    """The loader tests' odd files, plus: a caption in UTF-16, a json nested 100000 deep, scores too big for a float,
+    a dangling link, a folder named like an image, a name that is not UTF-8, a GIF, a broken scan cache. Run twice,
+    the second time from the cache, in a fresh process printing to a pipe, as in a script."""
+    folder = tmp_path / "odd"
+    _data_write_odd_files(folder)
+    for name, raw in [("utf16.png", _data_png()), ("utf16.txt", "légende".encode("utf-16")), ("deep.png", _data_png()),
+                      ("deep.json", b"[" * 100000), ("scores.png", _data_png()), ("anim.gif", b"GIF89a"),
+                      ("scores.json", b'{"punsafe": 1' + b"0" * 400 + b', "aesthetic": 1e999}'),
+                      ("long.txt", b"word " * 5000 + b"x" * 10000), (data.SCAN_CACHE, b'{"zd_scan": 1, "files": 7}')]:
+        (folder / name).write_bytes(raw)
+    (folder / "dangling.jpg").symlink_to(folder / "nowhere.jpg")
+    (folder / "folder.jpg").mkdir()
+    with open(os.path.join(os.fsencode(folder), b"name\xff.png"), "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n broken")
+    args = ["data", "--data", str(folder), "--min-side", "1", "--max-unsafe", "0.5", "--batch-size", "1",
+            "--sheet", str(tmp_path / "sheets"), *TINY_FLAGS]
+    report = zd.survey(zd.parser().parse_args(args))
+    assert (report["found"], report["kept"], report["unscored"], report["ignored"]) == (13, 7, 7, {".gif": 1})
+    assert {r: n for r, n in report["dropped"].items() if n} == {"empty file": 1, "not an image": 2,
+                                                                 "decompression bomb": 2, "unreadable": 1}
+    assert report["captions"]["over_75_tokens"] == 1 and report["captions"]["words"][0] == ("word", 5000)
+    lines = capsys.readouterr().out.splitlines()
+    # PYTHONIOENCODING=utf-8 makes printing a surrogate an error, as in most desktop locales
+    run = subprocess.run([sys.executable, "zd.py", *args], cwd=HERE, capture_output=True, timeout=300,
+                         env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert run.returncode == 0, run.stderr.decode(errors="replace")[-2000:]
+    again = run.stdout.decode().splitlines()
+    assert "name\\udcff.png: not an image" in run.stdout.decode()
+    assert "12 from its scan cache" in next(line for line in again if line.startswith("data: scanned"))  # no link
+    kept = [line for line in lines if line.startswith("data: kept")]
+    assert kept == [line for line in again if line.startswith("data: kept")] == [
+        'data: kept 7 of 13 images; dropped decompression bomb 2, empty file 1, not an image 2, unreadable 1; '
+        'unscored but kept 7; without caption 5 (→ ""); ignored (not images) .gif 1']
 
 
 # ---- model.py: networks, tokenizer, checkpoints ----
@@ -1877,6 +2131,35 @@ def test_training_step_feeds_the_recipe(tmp_path, monkeypatch):
     loss = S.weighted_mse(out, S.v_target(batch["pixels"], eps, abar[t]), S.min_snr_weight(S.snr(abar[t]), 5, "v"))[0]
     logged = json.loads(open(tmp_path / "metrics.jsonl").readline())
     assert logged["loss"] == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_training_logs_the_filter_counts_that_zd_data_prints(tmp_path, capsys):
+    """The score flags reach the loader of `zd.py train`: its log line of counts is `zd.py data`'s."""
+    folder = _data_scored_folder(tmp_path / "f")
+    flags = ["--min-aesthetic", "5", "--max-watermark", "0.5", "--max-unsafe", "0.5"]
+    zd.main(["data", "--data", folder, *flags, "--sheet", ""])
+    surveyed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("data: kept")]
+    _train(tmp_path / "run", "--steps", "1", "--data", folder, *flags)
+    trained = [line for line in capsys.readouterr().out.splitlines() if line.startswith("data: kept")]
+    assert surveyed == trained == ["data: kept 6 of 13 images; dropped min-side 1, min-aesthetic 2, max-watermark 2, "
+                                   "max-unsafe 1, not an image 1; unscored but kept 5"]
+    _train(tmp_path / "run", "--steps", "2", "--resume")  # the filters are settings of the run
+    assert "data: kept 6 of 13 images;" in capsys.readouterr().out
+
+
+def test_shard_training_logs_its_first_epoch_counts_as_zd_data_does(tmp_path, capsys):
+    shard = _data_scored_shard(tmp_path / "s.tar")
+    kw = dict(min_aesthetic=5, max_watermark=0.5, max_unsafe=0.5, **TINY)
+    data.Loader([shard], 1, workers=0, **kw).survey()
+    surveyed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("data: kept")]
+    assert surveyed == ["data: kept 6 of 14 images; dropped min-side 1, min-aesthetic 2, max-watermark 2, "
+                        "max-unsafe 1, no image in sample 1, not an image 1; unscored but kept 5"]
+    loader, out = data.Loader([shard], 1, workers=2, **kw), ""  # two readers, each reading every other sample
+    for batch in loader.batches():
+        out += capsys.readouterr().out
+        if "first epoch over" in out or batch["epoch"] > 2:
+            break
+    assert surveyed[0].replace("data: ", "data: first epoch over the shards: ") in out.splitlines()
 
 
 def test_resume_is_bit_identical(tmp_path):

@@ -636,6 +636,7 @@ TRAIN_DEFAULTS = dict(
     model=None, vae=None, ema_init=None, data=None, out=None, inpaint=False,
     prediction="v", schedule="zt", min_snr_gamma=5.0, ip_noise_gamma=0.1, caption_dropout=0.1, ema_decay=None,
     min_side=1024, bucket_area=None, bucket_min=None, bucket_max=None, bucket_step=None, flip=False,
+    min_aesthetic=None, max_watermark=None, max_unsafe=None, drop_unscored=False,
     random_crop=False, steps=None, batch_size=None, grad_accum=1, lr=None, lr_schedule="constant", warmup=None,
     weight_decay=0.01, max_grad_norm=1.0, seed=0, save_every=None, sample_every=None, sample_prompts=None,
     sample_size=None, log_every=None, resume=False, max_bad_steps=5, text_cache=None, half=False, workers=2,
@@ -904,6 +905,8 @@ def train(args):
     snr = S.snr(abar)                                                    # of the *rescaled* schedule (SPEC §7.1)
     loader = data.Loader(args.data, args.batch_size, seed=args.seed, rank=rank, world_size=world,
                          workers=args.workers, min_side=args.min_side, bucket_area=args.bucket_area,
+                         min_aesthetic=args.min_aesthetic, max_watermark=args.max_watermark,
+                         max_unsafe=args.max_unsafe, drop_unscored=args.drop_unscored,
                          bucket_min=args.bucket_min, bucket_max=args.bucket_max, bucket_step=args.bucket_step,
                          caption_dropout=args.caption_dropout, flip=args.flip, random_crop=args.random_crop,
                          inpaint=args.inpaint, pin_memory=cuda)
@@ -1040,6 +1043,27 @@ def train(args):
     return unet, ema
 
 
+def survey(args):
+    """`zd.py data`: the data side of `zd.py train` without a model (data.Loader.survey): what is found, kept and
+    dropped by reason, images per bucket, batches per epoch, caption statistics, scan speed; a contact sheet per
+    bucket in --sheet, of training crops with their captions."""
+    if min(args.batch_size, args.world_size, args.per_bucket) < 1 or args.workers < 0:
+        raise SystemExit("data: --batch-size, --world-size and --per-bucket must be ≥ 1, --workers ≥ 0")
+    tokenizer = model.Tokenizer.default()
+    settings = ("seed", "world_size", "workers", "min_side", "min_aesthetic", "max_watermark", "max_unsafe",
+                "drop_unscored", "bucket_area", "bucket_min", "bucket_max", "bucket_step", "caption_dropout", "flip",
+                "random_crop")
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():  # keep stdout JSON
+        try:
+            loader = data.Loader(args.data, args.batch_size, **{k: getattr(args, k) for k in settings})
+            report = loader.survey(args.sheet, args.per_bucket, lambda texts: map(len, tokenizer.tokens(texts)))
+        except (FileNotFoundError, ValueError) as e:  # the Loader's errors name the setting to change
+            raise SystemExit(f"data: {e}")
+    if args.json:
+        print(json.dumps(report, indent=1))
+    return report
+
+
 def demo(args):
     """Train the demo twice, with the recipe (zero-terminal-SNR schedule, v-prediction) and with SD1.5's (scaled-linear
     schedule, ε-prediction), then sample "a plain black image" and "a plain white image" from each EMA model with the
@@ -1135,6 +1159,48 @@ def add_marker_flags(s):
     s.add_argument("--half", action="store_true", help="store fp16 tensors")
 
 
+def probability(text):
+    """argparse type of a probability flag."""
+    if not 0 <= float(text) <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a probability in [0, 1]")
+    return float(text)
+
+
+def add_filter_flags(g):
+    """The score filters of `train` and `data` (data.py's docstring)."""
+    off = "default: off, as in the recipe, whose data (LAION Aesthetics v2 5+) was selected by aesthetic ≥ 5"
+    g.add_argument("--min-aesthetic", type=float, metavar="X", help="keep samples whose json AESTHETIC_SCORE or "
+                   f"aesthetic (any case) is ≥ X ({off})")
+    g.add_argument("--max-watermark", type=probability, metavar="P", help="keep samples whose json pwatermark is ≤ P "
+                   "(default: off; the recipe did not filter watermarks)")
+    g.add_argument("--max-unsafe", type=probability, metavar="P", help="keep samples whose json punsafe is ≤ P "
+                   "(default: off; the recipe did not filter unsafe images)")
+    g.add_argument("--drop-unscored", action="store_true", default=None, help="drop samples that lack a score an "
+                   "active filter reads (default: kept and counted as unscored)")
+
+
+def add_data_command(sub):
+    """The `data` subcommand: train's data settings, and what to print and draw."""
+    s = sub.add_parser("data", help="see and filter the training data before training: counts, buckets, captions, "
+                       "contact sheets of the crops", description=survey.__doc__)
+    s.add_argument("--data", action="append", required=True, metavar="SRC", help="as train's; repeatable")
+    s.add_argument("--min-side", type=int, default=TRAIN_DEFAULTS["min_side"], help="as train's (default 1024)")
+    add_filter_flags(s)
+    for name in ("bucket_area", "bucket_min", "bucket_max", "bucket_step", "batch_size"):
+        s.add_argument("--" + name.replace("_", "-"), type=int, default=RECIPE[name],
+                       help=f"as train's (default {RECIPE[name]})")
+    s.add_argument("--world-size", type=int, default=1, help="GPUs of the run, for its global batch (default 1)")
+    s.add_argument("--caption-dropout", type=float, default=TRAIN_DEFAULTS["caption_dropout"], help="(default 0.1)")
+    s.add_argument("--seed", type=int, default=0, help="of the random crops and the sheets' draw (default 0)")
+    for flag in ("--flip", "--random-crop"):
+        s.add_argument(flag, action="store_true", help="as train's: the sheets show the crops of epoch 0")
+    s.add_argument("--workers", type=int, default=TRAIN_DEFAULTS["workers"], help="scan processes (default 2)")
+    s.add_argument("--sheet", default="data_preview", metavar="DIR", help="contact sheets' folder ('' for none)")
+    s.add_argument("--per-bucket", type=int, default=16, help="images per contact sheet (default 16)")
+    s.add_argument("--json", action="store_true", help="print the report as JSON (the log goes to stderr)")
+    s.set_defaults(func=survey)
+
+
 def parser():
     """The command line: one subparser per subcommand, each calling a plain function of the parsed arguments."""
     p = argparse.ArgumentParser(prog="zd.py", description=__doc__.split("\n\n")[0],
@@ -1152,6 +1218,7 @@ def parser():
                    "repeatable (demo default: demo)")
     g.add_argument("--out", help="output folder (default runs/zd; demo runs/demo)")
     g.add_argument("--min-side", type=int, help="keep images whose original shortest side is ≥ this (default 1024)")
+    add_filter_flags(g)
     g.add_argument("--bucket-area", type=int, help="bucket area in pixels (default 512·512; demo 24·24)")
     g.add_argument("--bucket-min", type=int, help="shortest bucket side (default 384; demo 16)")
     g.add_argument("--bucket-max", type=int, help="longest bucket side (default 640; demo 32)")
@@ -1207,6 +1274,7 @@ def parser():
     g.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the UNet (opt-in: compiles once per bucket shape before it pays off)")
     s.set_defaults(func=train)
+    add_data_command(sub)
 
     s = sub.add_parser("demo", help="train the demo with ZT/v and with SD1.5's schedule/ε; compare black and white",
                        description=demo.__doc__)
