@@ -235,8 +235,8 @@ def bench_sampling(unet, vae, text_encoder, size, steps, repeats, has_diffusers,
     diffusers' StableDiffusionPipeline with the zero-terminal-SNR DDIM scheduler, on the same networks."""
     sd = model.SD(unet, vae, text_encoder, model.Tokenizer.default(), meta=dict(prediction="v", ztsnr=True))
     prompt = ["a photograph of an astronaut riding a horse"] * n
-    fns = {"ours": lambda: zd.generate(sd, prompt, negative="", steps=steps, cfg=7.5, rescale=0.7, seed=0, width=size,
-                                    height=size, progress=False)}
+    fns = {"ours": lambda: zd.generate(sd, prompt, negative="", steps=steps, guidance=7.5, rescale=0.7, seed=0,
+                                       width=size, height=size, progress=False)}
     if has_diffusers:
         folder = tempfile.mkdtemp()
         pipe = zt_pipeline(unet, vae, text_encoder, folder)
@@ -456,6 +456,28 @@ def measure_throughput(folder, workers=2, n=200, batch_size=8, min_side=1024):
         if count >= n:
             break
     return count / (time.perf_counter() - t0)
+
+
+def write_scan_folder(folder, n=10000, seed=0, scale=1):
+    """n demo images (data.demo_sample) enlarged `scale` times as JPEGs, 1000 to a sub-folder, each with its caption in a
+    .txt and a .json as img2dataset writes it: the original size (16 times the demo's, 1024–1536 px) and LAION-style
+    scores, AESTHETIC_SCORE or aesthetic, pwatermark, punsafe, one in ten without an aesthetic score. The input of
+    the README's scan speeds (scale 1: small files, so the scan's cost per file is what is timed) and contact sheet."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        img, caption = data.demo_sample(seed, i)
+        meta = {"caption": caption, "original_width": img.width * 16, "original_height": img.height * 16,
+                "AESTHETIC_SCORE" if i % 2 else "aesthetic": round(rng.normal(5.5, 0.8), 2),
+                "pwatermark": round(rng.beta(0.5, 2), 3), "punsafe": round(rng.beta(0.3, 5), 3)}
+        if i % 10 == 0:
+            meta.pop("AESTHETIC_SCORE" if i % 2 else "aesthetic")
+        stem = os.path.join(folder, f"{i // 1000:03d}", f"{i:06d}")
+        os.makedirs(os.path.dirname(stem), exist_ok=True)
+        img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST).save(stem + ".jpg", quality=90)
+        with open(stem + ".txt", "w", encoding="utf-8") as f:
+            f.write(caption)
+        with open(stem + ".json", "w", encoding="utf-8") as f:
+            json.dump(meta, f)
 
 
 def main(argv=None):

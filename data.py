@@ -51,6 +51,7 @@ import json
 import math
 import os
 import re
+import signal
 import tarfile
 import tempfile
 import time
@@ -439,7 +440,8 @@ def scan_folder(root, filters, stats, warn, workers=0):
     tasks = [([found[rel] for rel in todo[k:k + SCAN_CHUNK]],) for k in range(0, len(todo), SCAN_CHUNK)]
     workers = min(workers, len(tasks)) if len(tasks) > 1 else 0  # for one task, starting processes costs more
     for k, chunk in enumerate(torch.utils.data.DataLoader(_Map(_folder_records, tasks), batch_size=None,
-                                                          num_workers=workers, collate_fn=_as_is)):
+                                                          num_workers=workers, collate_fn=_as_is,
+                                                          worker_init_fn=leave_signals_to_parent)):
         records.update(zip(todo[k * SCAN_CHUNK:(k + 1) * SCAN_CHUNK], chunk))
     error = None
     if todo or len(cache) != len(paths):
@@ -692,6 +694,13 @@ class ShardStream(torch.utils.data.IterableDataset):
                 raise RuntimeError(f"shard reader {slot} of {slots} found no usable sample in a whole epoch")
 
 
+def leave_signals_to_parent(worker_id):
+    """Loader workers ignore Ctrl-C and SIGTERM, which reach the terminal's whole process group: the training process
+    decides (it stops after the current step and saves), and a worker killed by them would fail that step."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class Loader:
     """Batches for the training loop: `for batch in Loader(...).batches(start)` is endless, one bucket per batch:
       pixels [B, 3, H, W] float32 in [−1, 1]; captions list[str] after dropout; dropped bool [B]; index int64 [B]
@@ -789,7 +798,7 @@ class Loader:
         else:
             dataset, sampler = self.dataset, itertools.count(start)
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=self.workers,
-                                             pin_memory=self.pin_memory)
+                                             pin_memory=self.pin_memory, worker_init_fn=leave_signals_to_parent)
         readers, done = max(self.workers, 1), set()  # shard readers that have finished their first epoch
         for batch in loader:
             merge_counts(self.stats, batch.pop("_counts", {}))
@@ -838,7 +847,7 @@ class Loader:
             workers = min(self.workers, len(self.shards))
             tasks = [(s, path, self.filters, self.buckets, seed, per_bucket) for s, path in enumerate(self.shards)]
             for r in torch.utils.data.DataLoader(_Map(_survey_shard, tasks), batch_size=None, num_workers=workers,
-                                                 collate_fn=_as_is):
+                                                 collate_fn=_as_is, worker_init_fn=leave_signals_to_parent):
                 t1 = time.perf_counter()  # the time spent here on the statistics is not the scan's
                 merge_counts(stats, r["stats"])
                 for name, reason, detail in r["bad"]:
@@ -1040,25 +1049,3 @@ def _wrap(text, font, width, lines):
             last = last[:-1]
         out[-1] = last.rstrip() + "…"
     return out
-
-
-def write_scan_folder(folder, n=10000, seed=0, scale=1):
-    """n demo images (demo_sample) enlarged `scale` times as JPEGs, 1000 to a sub-folder, each with its caption in a
-    .txt and a .json as img2dataset writes it: the original size (16 times the demo's, 1024–1536 px) and LAION-style
-    scores, AESTHETIC_SCORE or aesthetic, pwatermark, punsafe, one in ten without an aesthetic score. The input of
-    the README's scan speeds (scale 1: small files, so the scan's cost per file is what is timed) and contact sheet."""
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        img, caption = demo_sample(seed, i)
-        meta = {"caption": caption, "original_width": img.width * 16, "original_height": img.height * 16,
-                "AESTHETIC_SCORE" if i % 2 else "aesthetic": round(rng.normal(5.5, 0.8), 2),
-                "pwatermark": round(rng.beta(0.5, 2), 3), "punsafe": round(rng.beta(0.3, 5), 3)}
-        if i % 10 == 0:
-            meta.pop("AESTHETIC_SCORE" if i % 2 else "aesthetic")
-        stem = os.path.join(folder, f"{i // 1000:03d}", f"{i:06d}")
-        os.makedirs(os.path.dirname(stem), exist_ok=True)
-        img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST).save(stem + ".jpg", quality=90)
-        with open(stem + ".txt", "w", encoding="utf-8") as f:
-            f.write(caption)
-        with open(stem + ".json", "w", encoding="utf-8") as f:
-            json.dump(meta, f)

@@ -432,9 +432,6 @@ class CLIPTextModel(nn.Module):
         return self.final_layer_norm(x)
 
 
-TextEncoder = CLIPTextModel
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # CLIP BPE tokenizer (openai/CLIP simple_tokenizer.py, rebuilt with `tokenizers`)
 
@@ -518,9 +515,23 @@ class Tokenizer:
 # Checkpoints: reading any SD1.5-family layout into LDM names, inferring sizes, strict loading, marked saving
 
 def read_safetensors(path, device="cpu"):
-    """(tensors, header metadata) of a .safetensors file; on device "meta" only the header is read (shapes, dtypes)."""
+    """(tensors, header metadata) of a .safetensors file; on device "meta" only the header is read (shapes, dtypes).
+    The header's length and every tensor's byte range are checked against the file's size before anything else is
+    read, so a pickled .ckpt, a text file or a truncated download is refused in constant memory."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        if not 2 <= n <= min(size - 8, 100 * 2 ** 20):        # a safetensors header is JSON of at most 100 MB
+            raise ValueError(not_safetensors(path, head))
+        try:
+            header = json.loads(f.read(n))
+            end = max([v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"], default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            raise ValueError(not_safetensors(path, head)) from None
+    if 8 + n + end > size:
+        raise ValueError(f"{path} is cut short: its header describes {8 + n + end:,} bytes, the file has {size:,}; "
+                         "download or copy it again")
     metadata = header.pop("__metadata__", None) or {}
     if device != "meta":
         return load_file(path), metadata
@@ -531,6 +542,14 @@ def read_safetensors(path, device="cpu"):
             for k, v in header.items()}, metadata
 
 
+def not_safetensors(path, head):
+    """Why a file is refused, with what to do: a pickle is never loaded (it can run code), whatever it holds."""
+    if head.startswith((b"PK\x03\x04", b"\x80")):      # a zip (torch.save) or a bare pickle: a .ckpt
+        return (f"{path} is a pickled checkpoint (.ckpt or torch.save), which zd never loads because unpickling can run "
+                "code: convert it to .safetensors with a tool you trust, or use the .safetensors release")
+    return f"{path} is not a safetensors file (its first bytes are no safetensors header)"
+
+
 RESNET_NAMES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                 "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 UNET_TOP_NAMES = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
@@ -538,7 +557,7 @@ UNET_TOP_NAMES = {"time_embedding.linear_1": "time_embed.0", "time_embedding.lin
 
 
 def unet_from_diffusers(sd):
-    """diffusers UNet2DConditionModel names → LDM names (SPEC §4); n res blocks per level, n + 1 going up."""
+    """diffusers UNet2DConditionModel names → LDM names; n res blocks per level, n + 1 going up."""
     n = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("down_blocks.0.resnets."))
     up_attn = {int(k.split(".")[1]) for k in sd if re.match(r"up_blocks\.\d+\.attentions\.", k)}
 
@@ -569,7 +588,7 @@ def unet_from_diffusers(sd):
 
 
 def vae_from_diffusers(sd):
-    """diffusers AutoencoderKL names → LDM names (SPEC §4): decoder levels reversed, mid attention as 1×1 convs."""
+    """diffusers AutoencoderKL names → LDM names: decoder levels reversed, mid attention as 1×1 convs."""
     levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("decoder.up_blocks."))
     attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
             "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}
@@ -593,6 +612,9 @@ def vae_from_diffusers(sd):
 def read_diffusers(folder, device="cpu"):
     """A diffusers pipeline folder's unet, vae and text_encoder weights under single-file (LDM) names."""
     folder = Path(folder)
+    if not (folder / "unet").is_dir():
+        raise ValueError(f"{folder} is a folder but no diffusers pipeline (it has no unet/): give a .safetensors file, "
+                         "or a folder with unet/, vae/ and text_encoder/")
 
     def weights(sub, name):
         for f in (folder / sub / f"{name}.safetensors", folder / sub / f"{name}.fp16.safetensors"):
@@ -600,7 +622,11 @@ def read_diffusers(folder, device="cpu"):
                 return read_safetensors(f, device)[0]
         return {}
 
-    sd = {UNET_PREFIX + k: v for k, v in unet_from_diffusers(weights("unet", "diffusion_pytorch_model")).items()}
+    unet = weights("unet", "diffusion_pytorch_model")
+    if not unet:
+        raise ValueError(f"{folder / 'unet'} holds no diffusion_pytorch_model.safetensors (zd reads safetensors only: "
+                         ".bin files are pickles)")
+    sd = {UNET_PREFIX + k: v for k, v in unet_from_diffusers(unet).items()}
     vae = weights("vae", "diffusion_pytorch_model")
     sd.update({VAE_PREFIX + k: v for k, v in (vae_from_diffusers(vae) if vae else {}).items()})
     sd.update({"cond_stage_model.transformer." + k: v for k, v in weights("text_encoder", "model").items()})
@@ -680,7 +706,7 @@ class SD:
 
 
 def markers(path, keys, metadata):
-    """(prediction, ztsnr) a checkpoint declares: 'v'/'eps'/None and True/False/None (SPEC §4)."""
+    """(prediction, ztsnr) a checkpoint declares: 'v'/'eps'/None and True/False/None, from any of the three markers `save` writes (pitfall 10)."""
     path, prediction, ztsnr = Path(path), None, None
     if path.is_dir():
         sched = path / "scheduler" / "scheduler_config.json"
@@ -709,6 +735,8 @@ def load(path, vae_path=None, ema=None, *, dtype=torch.float32, device="cpu", ve
     ema: None takes model_ema.* when present, True requires it, False takes the raw UNet.
     device="meta" reads only headers: sizes, keys and markers without the weights."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or folder: {path}")
     if path.is_dir():
         sd, metadata, layout = read_diffusers(path, device), {}, "diffusers"
     else:
@@ -720,8 +748,7 @@ def load(path, vae_path=None, ema=None, *, dtype=torch.float32, device="cpu", ve
 
     has_ema = any(k.startswith("model_ema.") and k not in ("model_ema.decay", "model_ema.num_updates") for k in sd)
     if ema and not has_ema:
-        raise ValueError(f"{path}: no model_ema.* weights (an -emaonly file keeps EMA weights under "
-                         f"{UNET_PREFIX}*; load it with ema=None)")
+        raise ValueError(f"{path} has no model_ema.* weights: an -emaonly file's UNet is its EMA already")
     take_ema = has_ema if ema is None else ema
     if take_ema:
         raw = [k for k in sd if k.startswith(UNET_PREFIX)]
@@ -844,7 +871,7 @@ def v1_yaml(unet_cfg: UNetConfig, vae_cfg: VAEConfig, prediction):
 
 
 def save(path, unet, text_encoder, vae=None, *, half=False, prediction="v", ztsnr=True, extra_metadata=None):
-    """Write an LDM single file that SD front-ends load, marked three ways (SPEC §4): header metadata, empty
+    """Write an LDM single file that SD front-ends load, marked three ways (pitfall 10): header metadata, empty
     `v_pred`/`ztsnr` tensors, and a sidecar <name>.yaml. vae=None only for zd's pixel-space demo models."""
     assert prediction in ("v", "eps"), prediction
     path = Path(path)
@@ -871,9 +898,14 @@ def save(path, unet, text_encoder, vae=None, *, half=False, prediction="v", ztsn
 
 
 def atomic_write(path, write):
-    """write(tmp) then rename over path: readers never see a half-written checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(str(tmp))
+    """write(tmp) then rename over path: readers never see a half-written checkpoint, and a failed write leaves the
+    previous file as it was."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    try:
+        write(str(tmp))
+    except BaseException:                  # a full disk, an interrupt: the previous file stays, the partial one goes
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 

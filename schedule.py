@@ -8,7 +8,7 @@ Notation, used in every docstring below:
     v      = √ᾱ·ε − √(1−ᾱ)·x0                the velocity target       (Salimans & Ho 2022, §4)
 
 Schedules are built and kept in float64 and cast where they are used: after the rescale ᾱ_998 = 1.97e-7, which fp16
-cannot hold (SPEC §7.8). Functions taking `abar` accept a float, a 0-d tensor or a tensor [B] (one ᾱ per sample); the
+cannot hold (pitfall 8). Functions taking `abar` accept a float, a 0-d tensor or a tensor [B] (one ᾱ per sample); the
 coefficients √ᾱ and √(1−ᾱ) are taken in float64 and only then cast to the data's dtype.
 """
 import torch
@@ -42,7 +42,7 @@ def betas(zero_terminal_snr=True):
 
 
 def snr(abar):
-    """SNR_t = ᾱ_t / (1 − ᾱ_t); 0 at the zero-terminal-SNR step. Compute it from the *rescaled* ᾱ (SPEC §7.1)."""
+    """SNR_t = ᾱ_t / (1 − ᾱ_t); 0 at the zero-terminal-SNR step. Compute it from the *rescaled* ᾱ (pitfall 1)."""
     return abar / (1 - abar)
 
 
@@ -56,7 +56,7 @@ def _coefs(abar, like):
 def add_noise(x0, noise, abar, ip_noise=None, ip_gamma=0.0):
     """The forward process x_t = √ᾱ·x0 + √(1−ᾱ)·ε', with input perturbation ε' = ε + γ·ξ
     (Ning et al. 2023, eq. 9). ξ ~ N(0, I) is drawn independently of ε; the *target* is built from the clean ε
-    (`target`), so IP noise perturbs the input alone (SPEC §7.4)."""
+    (`target`), so IP noise perturbs the input alone (pitfall 4)."""
     if ip_noise is not None and ip_gamma:
         noise = noise + ip_gamma * ip_noise
     a, s = _coefs(abar, x0)
@@ -95,7 +95,7 @@ def eps_from_v(x_t, v, abar):
 def x0_eps(x_t, out, abar, prediction):
     """(x̂0, ε̂) from a model output of the given parameterisation.
     An ε model must divide by √ᾱ, which is 0 at the zero-terminal-SNR step: refused, not turned into inf/NaN
-    (SPEC §7.7)."""
+    (pitfall 7)."""
     if prediction == "v":
         return x0_from_v(x_t, out, abar), eps_from_v(x_t, out, abar)
     a, s = _coefs(abar, x_t)
@@ -112,9 +112,9 @@ def x0_eps(x_t, out, abar, prediction):
 def min_snr_weight(snr_t, gamma=5.0, prediction="v"):
     """Min-SNR-γ loss weight (Hang et al. 2023, §3.4), for a per-sample MSE on the model's own output:
         x0:  min(SNR, γ)
-        ε:   min(SNR, γ)/SNR   = min(1, γ/SNR): at SNR = 0 the 0/0 is defined as its limit, 1 (SPEC §7.2)
+        ε:   min(SNR, γ)/SNR   = min(1, γ/SNR): at SNR = 0 the 0/0 is defined as its limit, 1 (pitfall 2)
         v:   min(SNR, γ)/(SNR + 1)   = min(ᾱ, γ(1−ᾱ)): 0 at SNR = 0 by the formula itself
-    (not min(SNR + 1, γ)/(SNR + 1): that is a different, wrong weight; SPEC §7.3)."""
+    (not min(SNR + 1, γ)/(SNR + 1): that is a different, wrong weight; pitfall 3)."""
     clipped = torch.clamp(snr_t, max=gamma)
     if prediction == "v":
         return clipped / (snr_t + 1)
@@ -150,7 +150,7 @@ def timesteps(n, spacing="trailing", offset=1):
 
 def prev_timestep(ts, i):
     """The timestep that follows ts[i] in the sampling list, or −1 (ᾱ = 1, a clean image) after the last.
-    Looked up, never computed as t − 1000//N: that is off by one when N does not divide 1000 (SPEC §7.6)."""
+    Looked up, never computed as t − 1000//N: that is off by one when N does not divide 1000 (pitfall 6)."""
     return int(ts[i + 1]) if i + 1 < len(ts) else -1
 
 
@@ -168,7 +168,7 @@ def ddim_step(x_t, out, abar_t, abar_prev, prediction="v"):
     return a * x0 + s * eps
 
 
-def cfg(uncond, cond, scale, rescale=0.0):
+def guidance(uncond, cond, scale, rescale=0.0):
     """Classifier-free guidance (Ho & Salimans 2022) with the rescale of Lin et al. (2023), Algorithm 2, applied to
     the raw model output (here: v), as the widely used pipelines do:
         x_cfg = x_u + w·(x_c − x_u);  x_r = x_cfg·std(x_c)/std(x_cfg) (std per sample over C, H, W);
@@ -184,7 +184,7 @@ def cfg(uncond, cond, scale, rescale=0.0):
 def ema_decay(step, decay=0.9999, warmup=False):
     """The EMA decay at optimiser step `step` (1, 2, …). The recipe keeps it constant from step 1 so that the EMA,
     initialised from SD1.5's EMA weights, is not wiped. warmup=True ramps it as min(d, (1+s)/(10+s)) for EMAs that
-    start from scratch (never 0, so even then the first update keeps 2/11 of the init; SPEC §7.5)."""
+    start from scratch (never 0, so even then the first update keeps 2/11 of the init; pitfall 5)."""
     return min(decay, (1 + step) / (10 + step)) if warmup else decay
 
 

@@ -1,5 +1,5 @@
 """zd's executable spec: every equation against an independent value (a second formula, a paper's number, diffusers or
-transformers as oracles), and a test for each pitfall of SPEC §7.
+transformers as oracles), and a test for each of the README's numbered pitfalls.
 
     python -m pytest -q test_zd.py               the default suite (CPU, minutes)
     ZD_FULL=1 python -m pytest -q test_zd.py     also the slow checks: full-size SD1.5 parity (≈ 10 GB RAM) and the
@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import struct
@@ -38,6 +39,16 @@ import zd
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def refused(capsys, *argv, status=1):
+    """`zd.py ARGV` refuses: exit status `status` (argparse's is 2) and one line on stderr, no traceback; returns it."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        zd.main(list(argv))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == status and err and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
 # ---- schedule.py: the ZT math -----------------------------------------------------------------------------------------
 
 from diffusers import DDIMScheduler, DDPMScheduler  # noqa: E402
@@ -50,7 +61,7 @@ ZT_SNR = S.snr(ZT)
 
 
 def test_paper_numbers():
-    """SPEC §2's reference values (float64), recomputed independently of the code under test where cheap."""
+    """The papers' reference values (float64; Lin et al. 2023, Table 1 and Fig. 2), recomputed independently of the code under test where cheap."""
     sd = S.alphas_cumprod(S.sd15_betas())
     assert sd[0].item() == pytest.approx(0.99915, abs=1e-12)
     assert sd[999].item() == pytest.approx(0.0046601, rel=1e-4)
@@ -90,7 +101,7 @@ def test_schedule_matches_diffusers(zt):
 
 
 def test_schedule_is_float64():
-    """SPEC §7.8: the schedule is never held in fp16. ᾱ_998 in fp16 is a subnormal 5% off; √ᾱ taken in float64 and
+    """Pitfall 8: the schedule is never held in fp16. ᾱ_998 in fp16 is a subnormal 5% off; √ᾱ taken in float64 and
     then cast is exact to fp16 precision."""
     assert S.betas().dtype == S.alphas_cumprod(S.betas()).dtype == torch.float64
     x0 = torch.ones(1, 1, 1, 1, dtype=torch.float16)
@@ -107,8 +118,8 @@ def test_snr_matches_diffusers_compute_snr():
 
 def test_min_snr_weights():
     """Hang et al.: against diffusers' train_text_to_image formula, the closed form min(ᾱ, γ(1−ᾱ)), finite at SNR = 0.
-    SPEC §7.1: weights from the *rescaled* SNR (t = 999 weighs 0, not SD1.5's 0.0047).
-    SPEC §7.2: ε weight at SNR = 0 is finite. SPEC §7.3: not min(SNR + 1, γ)/(SNR + 1)."""
+    Pitfall 1: weights from the *rescaled* SNR (t = 999 weighs 0, not SD1.5's 0.0047).
+    Pitfall 2: ε weight at SNR = 0 is finite. Pitfall 3: not min(SNR + 1, γ)/(SNR + 1)."""
     g = 5.0
     ref = torch.stack([ZT_SNR, g * torch.ones_like(ZT_SNR)], dim=1).min(dim=1)[0]
     wv, we, wx = (S.min_snr_weight(ZT_SNR, g, p) for p in ("v", "eps", "x0"))
@@ -136,7 +147,7 @@ def test_forward_process_and_v_match_diffusers():
 
 
 def test_ip_noise_perturbs_the_input_only():
-    """Ning et al. 2023: x_t uses ε + γξ, the v target uses the clean ε (SPEC §7.4)."""
+    """Ning et al. 2023: x_t uses ε + γξ, the v target uses the clean ε (pitfall 4)."""
     g = torch.Generator().manual_seed(1)
     x0, eps, xi = (torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(3))
     a = ZT[torch.tensor([10, 500, 990])]
@@ -165,7 +176,7 @@ def test_v_eps_x0_conversions_round_trip_and_stay_finite(t):
 
 
 def test_eps_prediction_refused_at_zero_terminal_snr():
-    """SPEC §7.7: an ε model on the ZT schedule would divide by √ᾱ_999 = 0; refused with a clear error."""
+    """Pitfall 7: an ε model on the ZT schedule would divide by √ᾱ_999 = 0; refused with a clear error."""
     x = torch.randn(1, 4, 8, 8)
     with pytest.raises(ValueError, match="zero terminal SNR"):
         S.ddim_step(x, x, ZT[999], ZT[899], "eps")
@@ -181,7 +192,7 @@ def test_timesteps_match_diffusers(n, spacing):
 
 
 def test_trailing_timesteps_and_prev_lookup():
-    """Lin Table 2 lists; SPEC §7.6: the first step is 999, and the previous step is looked up in the list
+    """Lin Table 2 lists; pitfall 6: the first step is 999, and the previous step is looked up in the list
     (for N = 13, 999 → 922; computing t − 1000//N would give 923)."""
     assert S.timesteps(10).tolist() == list(range(999, 0, -100))
     ts = S.timesteps(13)
@@ -231,14 +242,14 @@ def test_cfg_rescale_matches_diffusers(phi):
     u, c = torch.randn(3, 4, 8, 8, generator=g), 2 * torch.randn(3, 4, 8, 8, generator=g)
     x_cfg = u + 7.5 * (c - u)
     ref = rescale_noise_cfg(x_cfg, c, guidance_rescale=phi) if phi else x_cfg
-    torch.testing.assert_close(S.cfg(u, c, 7.5, phi), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(S.guidance(u, c, 7.5, phi), ref, rtol=1e-5, atol=1e-5)
     if phi == 1.0:   # Lin Alg. 2 with φ = 1: the guided output has the conditional output's std, per sample
-        torch.testing.assert_close(S.cfg(u, c, 7.5, 1.0).std(dim=(1, 2, 3)), c.std(dim=(1, 2, 3)))
+        torch.testing.assert_close(S.guidance(u, c, 7.5, 1.0).std(dim=(1, 2, 3)), c.std(dim=(1, 2, 3)))
 
 
 def test_ema_closed_form_and_no_warmup():
     """e_n = p + (e0 − p)·dⁿ for constant p; the default decay is constant from step 1, so one update moves the EMA by
-    (1 − d) of the gap and does not wipe the init (SPEC §7.5)."""
+    (1 − d) of the gap and does not wipe the init (pitfall 5)."""
     e0, p = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
     e = e0.clone()
     for step in range(1, 301):
@@ -615,12 +626,11 @@ def test_check_reports_a_raising_method_in_its_row(capsys):
                                           ("test_zd:NoSuchAdapter", "cannot get NoSuchAdapter"),
                                           ("missing/file.py:X", "give its path"),
                                           ("test_zd:_NeedsArguments", "no arguments")])
-def test_check_user_errors_are_one_line(spec, message):
+def test_check_user_errors_are_one_line(spec, message, capsys):
     """A mistyped target, an import that fails, a class that needs arguments: one line naming the problem and the
     fix, no traceback."""
-    with pytest.raises(SystemExit) as e:
-        zd.main(["check", spec])
-    assert str(e.value.code).startswith("check: ") and message in str(e.value.code) and "\n" not in str(e.value.code)
+    err = refused(capsys, "check", spec)
+    assert err.startswith("check: ") and message in err
 
 
 class _NeedsArguments:
@@ -762,7 +772,7 @@ def test_bucket_for_table_and_transpose_symmetry(w, h, bucket):
 
 
 def test_linear_aspect_metric_would_not_be_transpose_symmetric():
-    """SPEC §6's counterexample, as the reason for the log metric: |w/h − bw/bh| sends 1140×1000 to 512×512 but
+    """The README's counterexample (Buckets), as the reason for the log metric: |w/h − bw/bh| sends 1140×1000 to 512×512 but
     1000×1140 to 448×576."""
     def linear(w, h):
         return min(data.buckets(), key=lambda b: abs(w / h - b[0] / b[1]))
@@ -1176,7 +1186,7 @@ def test_parallel_scan_equals_the_scan_in_one_process(tmp_path, monkeypatch):
 def test_write_scan_folder_writes_the_readme_example(tmp_path):
     """The README's synthetic folder: captions beside the images, one in ten without an aesthetic score, the two
     spellings of the aesthetic key, original sizes of 1024–1536 px."""
-    data.write_scan_folder(str(tmp_path), 30)
+    bench.write_scan_folder(str(tmp_path), 30)
     report = data.Loader([str(tmp_path)], 1, workers=0, min_aesthetic=0, **TINY).survey()
     assert (report["found"], report["kept"], report["unscored"], report["missing_captions"]) == (30, 30, 3, 0)
     metas = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("000/*.json"))]
@@ -1249,10 +1259,9 @@ def test_zd_data_user_errors_are_one_line(tmp_path, capsys):
     for flags, message in [(["--data", str(tmp_path / "nope")], "data: no such folder: .*nope"),
                            (["--data", str(tmp_path / "empty")], "data: no image file .* in .*empty"),
                            (["--data", str(tmp_path / "*.tar")], "data: no shard matches"),
-                           (["--data", folder, "--min-aesthetic", "9", "--drop-unscored"], "data: no bucket holds"),
-                           (["--data", folder, "--batch-size", "0"], "data: --batch-size")]:
-        with pytest.raises(SystemExit, match=message):
-            zd.main(["data", *flags, "--sheet", ""])
+                           (["--data", folder, "--min-aesthetic", "9", "--drop-unscored"], "data: no bucket holds")]:
+        assert re.search(message, refused(capsys, "data", *flags, "--sheet", ""))
+    assert "--batch-size: 0 is below 1" in refused(capsys, "data", "--data", folder, "--batch-size", "0", status=2)
     with pytest.raises(SystemExit) as e:
         zd.main(["data", "--data", folder, "--max-watermark", "1.5"])
     assert e.value.code == 2 and "1.5 is not a probability in [0, 1]" in capsys.readouterr().err
@@ -1389,7 +1398,7 @@ def test_tokenizer_golden_ids_and_padding():
     tok = model.Tokenizer.default()
     ids = tok(["a photograph of an astronaut riding a horse", ""])
     assert ids[0, :10].tolist() == [49406, 320, 8853, 539, 550, 18376, 6765, 320, 4558, 49407]
-    assert ids[0, 10:].eq(49407).all()  # SPEC §7.11: padded with EOS 49407, not 0
+    assert ids[0, 10:].eq(49407).all()  # pitfall 11: padded with EOS 49407, not 0
     assert ids[1].tolist() == [49406] + [49407] * 76
 
 
@@ -1422,7 +1431,7 @@ def meta_nets(unet_cfg=None):
 
 
 def test_full_size_counts_on_meta():
-    """SPEC §3: tensor and parameter counts of SD1.5, its inpainting UNet, the VAE and CLIP-L."""
+    """Tensor and parameter counts of SD1.5, its inpainting UNet, the VAE and CLIP-L."""
     counts = lambda net: (len(net.state_dict()), sum(p.numel() for p in net.parameters()))
     unet, vae, clip = meta_nets()
     assert counts(unet) == (686, 859_520_964)
@@ -1434,7 +1443,7 @@ def test_full_size_counts_on_meta():
 
 
 def test_full_size_keys_and_shapes_match_diffusers_on_meta():
-    """Every full-size LDM name and shape equals diffusers'/transformers' SD1.5 mapped through SPEC §4's table."""
+    """Every full-size LDM name and shape equals diffusers'/transformers' SD1.5 mapped through model.py's renaming."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
     unet, vae, clip = meta_nets()
@@ -1450,7 +1459,7 @@ def test_full_size_keys_and_shapes_match_diffusers_on_meta():
 
 
 def test_attention_head_dims_40_80_160():
-    """SPEC §7.11: 8 heads per block, so head dims 40/80/160, not 64."""
+    """Pitfall 11: 8 heads per block, so head dims 40/80/160, not 64."""
     unet = meta_nets()[0]
     dims = {m.to_q.out_features // m.heads for m in unet.modules() if isinstance(m, model.CrossAttention)}
     assert dims == {40, 80, 160}
@@ -1469,7 +1478,7 @@ def test_attention_head_dims_40_80_160():
 
 
 def test_group_norm_eps():
-    """SPEC §7.11: every VAE GroupNorm and the SpatialTransformer's use eps 1e-6; the UNet's ResBlocks 1e-5."""
+    """Pitfall 11: every VAE GroupNorm and the SpatialTransformer's use eps 1e-6; the UNet's ResBlocks 1e-5."""
     unet, vae, _ = meta_nets()
     assert {m.eps for m in vae.modules() if isinstance(m, torch.nn.GroupNorm)} == {1e-6}
     assert {m.norm.eps for m in unet.modules() if isinstance(m, model.SpatialTransformer)} == {1e-6}
@@ -1478,7 +1487,7 @@ def test_group_norm_eps():
 
 
 def test_vae_downsample_pad_probe():
-    """SPEC §3 probe: all-ones 3×3 kernel on all-ones 8×8 → 9 top-left, 4 bottom-right (pad right/bottom only)."""
+    """Pitfall 11, the VAE's asymmetric pad, by a probe: all-ones 3×3 kernel on all-ones 8×8 → 9 top-left, 4 bottom-right (pad right/bottom only)."""
     down = model.VAEDownsample(1)
     with torch.no_grad():
         down.conv.weight.fill_(1.0), down.conv.bias.zero_()
@@ -1492,7 +1501,7 @@ def test_vae_downsample_pad_probe():
 
 
 def test_timestep_embedding_cos_first():
-    """SPEC §7.11: [cos(t·f_i), sin(t·f_i)], f_i = 10000^(−i/160), against a float64 evaluation."""
+    """Pitfall 11: [cos(t·f_i), sin(t·f_i)], f_i = 10000^(−i/160), against a float64 evaluation."""
     t = torch.tensor([0, 1, 500, 999])
     emb = model.timestep_embedding(t, 320)
     f = 10000.0 ** (-torch.arange(160, dtype=torch.float64) / 160)
@@ -1572,7 +1581,7 @@ SCHEDULE_BUFFERS = ["betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alph
 
 
 def test_single_file_variants_load_the_same_tensors(tiny_file, tmp_path):
-    """SPEC §4's variants in the wild: schedule buffers, float position_ids, junk keys, CLIP without text_model.,
+    """Variants met in the wild: schedule buffers, float position_ids, junk keys, CLIP without text_model.,
     fp16; each loads the same tensors, counts what it ignored, and load → save → load is bit-identical."""
     path, want = tiny_file
     base = load_file(path)
@@ -1662,7 +1671,7 @@ def test_pixel_space_model_has_no_vae(tmp_path):
 
 
 def test_markers_written_and_read(tiny_sd, tiny_file, tmp_path):
-    """SPEC §4: v-prediction / ZTSNR declared by header metadata, empty v_pred/ztsnr tensors and a sidecar yaml."""
+    """Pitfall 10: v-prediction / ZTSNR declared by header metadata, empty v_pred/ztsnr tensors and a sidecar yaml."""
     path, want = tiny_file
     from safetensors import safe_open
     with safe_open(path, "pt") as f:
@@ -1772,7 +1781,7 @@ def test_full_size_matches_diffusers_and_transformers():
     assert rel_err(a, b) < 1e-4
 
 
-def test_cli_convert(tiny_sd, tiny_file, tmp_path):
+def test_cli_convert(tiny_sd, tiny_file, tmp_path, capsys):
     folder, _ = tiny_sd()
     path, want = tiny_file
     zd.main(["convert", str(folder), str(tmp_path / "half.safetensors"), "--half"])
@@ -1784,8 +1793,8 @@ def test_cli_convert(tiny_sd, tiny_file, tmp_path):
     sd = model.load(tmp_path / "inp.safetensors")
     assert sd.meta["inpaint"] and (sd.meta["prediction"], sd.meta["ztsnr"]) == ("eps", True)
     assert "LatentInpaintDiffusion" in (tmp_path / "inp.yaml").read_text()
-    with pytest.raises(SystemExit, match="needs a 4-channel UNet"):
-        zd.main(["convert", str(tmp_path / "inp.safetensors"), str(tmp_path / "x.safetensors"), "--inpaint"])
+    assert "needs a 4-channel UNet" in refused(capsys, "convert", str(tmp_path / "inp.safetensors"),
+                                               str(tmp_path / "x.safetensors"), "--inpaint")
 
     tensors = load_file(path)
     full = {**tensors, **{model.ema_key(k): v + 1 for k, v in tensors.items() if k.startswith(model.UNET_PREFIX)}}
@@ -1828,8 +1837,7 @@ def test_cli_inspect(tiny_file, tmp_path, capsys):
                  "metadata     note = hi"):
         assert line in out, line
     save_file({"foo": torch.zeros(1)}, tmp_path / "junk.safetensors")
-    with pytest.raises(SystemExit, match="not an SD1.5-family checkpoint"):
-        zd.main(["inspect", str(tmp_path / "junk.safetensors")])
+    assert "no unet tensors" in refused(capsys, "inspect", str(tmp_path / "junk.safetensors"))
 
 
 # ---- zd.py sample -----------------------------------------------------------------------------------------------------
@@ -1880,7 +1888,7 @@ def test_sample_matches_diffusers_pipeline(zt_sd, steps):
     DDIMScheduler(rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction",
     clip_sample=False, set_alpha_to_one=True) and guidance_rescale=0.7, same seed, prompt, negative prompt, size,
     two images per prompt: identical uint8 up to ±1. Steps divide 1000: diffusers' step() takes prev_t = t − 1000//N,
-    which is the next trailing step only then (SPEC §7.6); other N are tested against the list itself below."""
+    which is the next trailing step only then (pitfall 6); other N are tested against the list itself below."""
     from diffusers import StableDiffusionPipeline
     folder, parts = zt_sd("base")
     sd = model.load(folder)
@@ -1891,7 +1899,7 @@ def test_sample_matches_diffusers_pipeline(zt_sd, steps):
     pipe.set_progress_bar_config(disable=True)
     ref = pipe("a red fox in the snow", num_images_per_prompt=2, output_type="np",
                generator=torch.Generator("cpu").manual_seed(3), **kw).images
-    ours = zd.generate(sd, ["a red fox in the snow"] * 2, negative="blurry, low quality", steps=steps, cfg=7.5,
+    ours = zd.generate(sd, ["a red fox in the snow"] * 2, negative="blurry, low quality", steps=steps, guidance=7.5,
                        rescale=0.7, seed=3, width=64, height=64, progress=False)
     _assert_images_close(ours, _uint8(ref))
 
@@ -1916,7 +1924,7 @@ def test_inpainting_matches_diffusers_pipeline(zt_sd, tmp_path):
     pipe.set_progress_bar_config(disable=True)
     ref = pipe("a stone wall", image=image, mask_image=mask, strength=1.0, num_inference_steps=10, guidance_scale=5.0,
                height=64, width=64, output_type="np", generator=torch.Generator("cpu").manual_seed(4)).images
-    ours = zd.generate(sd, ["a stone wall"], steps=10, cfg=5.0, rescale=0.0, seed=4, width=64, height=64,
+    ours = zd.generate(sd, ["a stone wall"], steps=10, guidance=5.0, rescale=0.0, seed=4, width=64, height=64,
                        image=str(tmp_path / "in.png"), mask=str(tmp_path / "mask.png"), progress=False)
     _assert_images_close(ours, _uint8(ref))
 
@@ -1948,7 +1956,7 @@ def _stub_sd(meta, unet=None, vae=True):
 @pytest.mark.parametrize("n", [13, 7])
 def test_sample_steps_follow_the_trailing_list(n):
     """N ∤ 1000: the UNet is called at exactly the trailing list (Lin et al. 2023, Table 2), first t = 999; for N = 13
-    the second step is 922, not 999 − 1000//13 = 923 (SPEC §7.6)."""
+    the second step is 922, not 999 − 1000//13 = 923 (pitfall 6)."""
     sd = _stub_sd(dict(prediction="v", ztsnr=True))
     zd.generate(sd, ["x"], steps=n, width=64, height=64, progress=False)
     ts = [t for _, t in sd.unet.calls]
@@ -1968,10 +1976,10 @@ def _check_ddim_transitions(calls, scheduler_kw):
 
 
 def test_sampler_uses_the_trained_zt_schedule():
-    """SPEC §7.9: a model marked v/ZT is sampled on the rescaled schedule it was trained on — the trajectory is
+    """Pitfall 9: a model marked v/ZT is sampled on the rescaled schedule it was trained on — the trajectory is
     diffusers' DDIMScheduler(rescale_betas_zero_snr=True, v_prediction), and not the unrescaled one's."""
     sd = _stub_sd(dict(prediction="v", ztsnr=True))
-    zd.generate(sd, ["x"], steps=10, cfg=1.0, width=64, height=64, progress=False)
+    zd.generate(sd, ["x"], steps=10, guidance=1.0, width=64, height=64, progress=False)
     _check_ddim_transitions(sd.unet.calls, dict(rescale_betas_zero_snr=True, prediction_type="v_prediction"))
     with pytest.raises(AssertionError):
         _check_ddim_transitions(sd.unet.calls, dict(prediction_type="v_prediction"))
@@ -1980,7 +1988,7 @@ def test_sampler_uses_the_trained_zt_schedule():
 def test_unmarked_model_samples_as_sd15_eps(capsys):
     """A checkpoint without markers (stock SD1.5) is sampled as ε on SD1.5's own schedule, and the sampler says so."""
     sd = _stub_sd({})
-    zd.generate(sd, ["x"], steps=10, cfg=1.0, width=64, height=64, progress=False)
+    zd.generate(sd, ["x"], steps=10, guidance=1.0, width=64, height=64, progress=False)
     assert "assuming ε prediction on the SD1.5 schedule" in capsys.readouterr().out
     _check_ddim_transitions(sd.unet.calls, dict(prediction_type="epsilon"))
     assert zd.sampling_schedule({"prediction": "v", "ztsnr": True}, prediction="eps", zero_terminal_snr=False) == \
@@ -1991,7 +1999,7 @@ def test_unmarked_model_samples_as_sd15_eps(capsys):
                                      (dict(prediction="v", ztsnr=True), dict(prediction="eps")),
                                      ({}, dict(zero_terminal_snr=True))])
 def test_eps_on_zt_schedule_is_refused(meta, kw):
-    """SPEC §7.7: ε prediction on the ZT schedule would divide by √ᾱ_999 = 0 — refused before any step runs."""
+    """Pitfall 7: ε prediction on the ZT schedule would divide by √ᾱ_999 = 0 — refused before any step runs."""
     sd = _stub_sd(meta)
     with pytest.raises(ValueError, match="zero-terminal-SNR"):
         zd.generate(sd, ["x"], steps=10, width=64, height=64, progress=False, **kw)
@@ -2188,7 +2196,7 @@ def test_non_finite_loss_skips_the_step_and_stops_after_a_run(tmp_path, monkeypa
         out = forward(self, x, t, context)
         return out * float("nan") if len(calls) > 1 else out
     monkeypatch.setattr(model.UNet, "forward", poisoned)
-    with pytest.raises(SystemExit, match="3 steps in a row had a non-finite loss"):
+    with pytest.raises(zd.UserError, match="3 steps in a row had a non-finite loss"):
         _train(tmp_path / "nan", "--steps", "10", "--max-bad-steps", "3")
     state = json.loads(open(tmp_path / "nan" / "train_state.json").read())
     assert state["step"] == 4 and state["counters"]["skipped"] == 3
@@ -2239,11 +2247,11 @@ def test_two_ranks_match_one_rank_with_twice_the_batch(tmp_path):
     whatever |g|, so parameters with float-noise gradients may differ by up to a few lr: 99.9% agree to 1e-6.)"""
     flags = ["--steps", "3", "--workers", "0", "--sample-every", "0", "--log-every", "1", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "zd.py",
-                    "train", "--out", str(tmp_path / "ddp"), "--batch-size", "2", *flags],
-                   cwd=HERE, env=env, check=True, capture_output=True, timeout=300)
-    subprocess.run([sys.executable, "zd.py", "train", "--out", str(tmp_path / "one"), "--batch-size", "4", *flags],
-                   cwd=HERE, env=env, check=True, capture_output=True, timeout=300)
+    for cmd in (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "zd.py", "train", "--out",
+                 str(tmp_path / "ddp"), "--batch-size", "2", *flags],
+                ["zd.py", "train", "--out", str(tmp_path / "one"), "--batch-size", "4", *flags]):
+        run = subprocess.run([sys.executable, *cmd], cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     m_ddp = [json.loads(line) for line in open(tmp_path / "ddp" / "metrics.jsonl")]
     m_one = [json.loads(line) for line in open(tmp_path / "one" / "metrics.jsonl")]
     for key in ("loss", "grad_norm"):
@@ -2259,7 +2267,8 @@ def test_two_ranks_match_one_rank_with_twice_the_batch(tmp_path):
 
 
 def test_sigterm_saves_and_stops_cleanly(tmp_path):
-    """SIGTERM mid-run (as a scheduler sends it): the step finishes, checkpoints and state are written, exit code 0."""
+    """SIGTERM mid-run (as a scheduler sends it): the step finishes, checkpoints and state are written, exit code 0,
+    and --resume continues from that step."""
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "zd.py", "train", "--out", str(out), "--steps", "100000", *TINY_TRAIN],
                             cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -2269,9 +2278,211 @@ def test_sigterm_saves_and_stops_cleanly(tmp_path):
     proc.send_signal(signal.SIGTERM)
     log, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, log
-    assert "SIGTERM at step" in log and "saving and stopping" in log
     step = json.loads((out / "train_state.json").read_text())["step"]
+    assert f"SIGTERM: stopped at step {step}, saved in" in log and "Traceback" not in log
+    assert "\r" not in log and "step 1/100000  loss" in log             # piped: one line per progress line
     assert 1 <= step < 100000 and model.load(out / "model_ema.safetensors").meta["prediction"] == "v"
+    _train(out, "--resume", "--steps", str(step + 1))
+    assert json.loads((out / "train_state.json").read_text())["step"] == step + 1
+
+
+# Runs `zd.py ARGV` with a signal sent to itself from inside zd: at the first file write (a save), at the first
+# sampler call (a sample grid), twice at the first step (two Ctrl-C), or while the data loader is set up (start-up).
+SIGNAL_DRIVER = """
+import os, signal, sys, model, zd
+when, argv = sys.argv[1], sys.argv[2:]
+def patch(owner, name, sig, times=1):
+    original = getattr(owner, name)
+    def patched(*a, **k):
+        if not patched.sent:
+            patched.sent = True
+            for _ in range(times):
+                os.kill(os.getpid(), sig)
+        return original(*a, **k)
+    patched.sent = False
+    setattr(owner, name, patched)
+{"save": lambda: patch(model, "atomic_write", signal.SIGTERM), "grid": lambda: patch(zd, "generate", signal.SIGTERM),
+ "ctrl-c twice": lambda: patch(zd, "sample_noise", signal.SIGINT, 2),
+ "start-up": lambda: patch(zd, "make_loader", signal.SIGTERM)}[when]()
+zd.main(argv)
+"""
+
+
+def _signalled(when, out, *flags):
+    run = subprocess.run([sys.executable, "-c", SIGNAL_DRIVER, when, "train", "--out", str(out), *TINY_TRAIN, *flags],
+                         cwd=HERE, capture_output=True, text=True, timeout=300)
+    return run.returncode, run.stdout + run.stderr
+
+
+@pytest.mark.parametrize("when, flags, step", [
+    ("save", ["--steps", "6", "--save-every", "3"], 3),                        # the first save, at step 3
+    ("grid", ["--steps", "6", "--sample-every", "2"], 2),                      # a grid at a step that is not saved
+    ("grid", ["--steps", "2", "--sample-every", "2"], 2)])                     # the final grid, after the final save
+def test_a_signal_during_a_save_or_a_grid_leaves_the_last_step_saved(tmp_path, when, flags, step):
+    """SIGTERM while a save is being written lets it finish; during a sample grid it abandons the grid. Either way the
+    last completed step is saved whole, the exit status is 0, and --resume continues from it."""
+    code, log = _signalled(when, tmp_path, *flags)
+    assert code == 0 and f"SIGTERM: stopped at step {step}, saved in" in log and "Traceback" not in log, log
+    assert (f"sample grid at step {step}: 4/16 images" in log) == (when == "grid")   # it says how far it got
+    assert json.loads((tmp_path / "train_state.json").read_text())["step"] == step
+    assert model.load(tmp_path / "model.safetensors").meta["prediction"] == "v"
+    assert not (tmp_path / "samples" / f"step_{step:06d}" / "grid.png").exists()
+    _train(tmp_path, "--resume", "--steps", str(step + 1))
+    assert json.loads((tmp_path / "train_state.json").read_text())["step"] == step + 1
+
+
+def test_progress_says_something_at_least_every_30_seconds(monkeypatch):
+    """A slow run (one step a minute, a line every 100 steps) still prints a line at least every 30 s."""
+    clock, lines = [1000.0], []
+    monkeypatch.setattr(zd.time, "time", lambda: clock[0])
+    progress = zd.Progress(zd.Settings(steps=200), 0, lambda text, **kw: lines.append(text))
+    for step in range(1, 4):
+        clock[0] += 20
+        progress.heartbeat(step)
+    assert lines == ["step 2/200  ETA 1:06:00"]       # at 40 s: 2 steps in 40 s, 198 to go at 0.05 it/s
+
+
+def test_a_cpu_run_with_a_vae_says_what_a_sample_grid_costs(tmp_path, capsys):
+    _checkpoint(tmp_path / "sd.safetensors")
+    _train(tmp_path / "out", "--model", str(tmp_path / "sd.safetensors"), "--data", "demo", "--steps", "1",
+           "--bucket-area", str(64 * 64), "--bucket-min", "64", "--bucket-max", "64", "--sample-every", "1000",
+           "--sample-size", "64", "64", "--sample-prompt", "a plain black image")
+    out = capsys.readouterr().out
+    assert re.search(r"each sample grid takes ≈ \d+ min on this CPU \(4 images, 25 steps, 64×64\)", out)
+    assert "--sample-every 0 skips them" in out and (tmp_path / "out" / "samples" / "step_000001" / "grid.png").exists()
+
+
+def test_a_signal_during_start_up_stops_before_training(tmp_path):
+    code, log = _signalled("start-up", tmp_path, "--steps", "3")
+    assert code == 0 and "SIGTERM: stopped at step 0, before training: nothing new to save" in log, log
+    assert not (tmp_path / "train_state.json").exists()
+
+
+def test_second_ctrl_c_quits_at_once(tmp_path):
+    code, log = _signalled("ctrl-c twice", tmp_path, "--steps", "3")
+    assert code == 130 and "second Ctrl-C: quitting now" in log and "Traceback" not in log, log
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_process_group_stops_workers_and_trainer_cleanly(tmp_path, sig):
+    """A terminal's Ctrl-C, or a job scheduler's SIGTERM to all of a job's processes, reaches the loader's worker
+    processes too: they leave it to the trainer, which finishes its step and saves."""
+    out = tmp_path / "run"
+    flags = [*TINY_TRAIN, "--workers", "2", "--steps", "100000"]         # the last --workers counts
+    proc = subprocess.Popen([sys.executable, "zd.py", "train", "--out", str(out), *flags], cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, sig)
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and f"{sig.name}: stopped at step" in log and "Traceback" not in log, log
+
+
+# ---- a user's mistakes: one line on stderr naming the problem and the fix, exit status ≠ 0, no traceback, no loss --
+
+def _bad_files(folder):
+    """Files a user mistakes for checkpoints: name → path."""
+    folder.mkdir(exist_ok=True)
+    files = {"random bytes": folder / "random.ckpt", "torch.save": folder / "real.ckpt",
+             "text as .safetensors": folder / "text.safetensors", "huge header": folder / "hostile.safetensors",
+             "cut short": folder / "cut.safetensors", "no unet/ folder": folder / "not_a_pipeline"}
+    files["random bytes"].write_bytes(np.random.default_rng(0).bytes(4096))
+    torch.save({"state_dict": {"w": torch.zeros(3)}}, files["torch.save"])
+    files["text as .safetensors"].write_text("this is a caption, not weights\n" * 20)
+    files["huge header"].write_bytes(struct.pack("<Q", 2 ** 60) + b"{}")      # read as is: 1 EB allocated
+    save_file({"w": torch.zeros(1000)}, files["cut short"])
+    files["cut short"].write_bytes(files["cut short"].read_bytes()[:1000])
+    (files["no unet/ folder"] / "vae").mkdir(parents=True)
+    return files
+
+
+@pytest.mark.parametrize("name, message", [
+    ("random bytes", "is not a safetensors file"), ("torch.save", "is a pickled checkpoint"),
+    ("text as .safetensors", "is not a safetensors file"), ("huge header", "is not a safetensors file"),
+    ("cut short", "is cut short"), ("no unet/ folder", "no diffusers pipeline")])
+def test_a_file_that_is_no_checkpoint_is_refused_in_one_line(tmp_path, capsys, name, message):
+    """Every command that loads a model refuses these in one line, without reading them whole or unpickling."""
+    path = str(_bad_files(tmp_path)[name])
+    for argv in (["inspect", path], ["sample", "--model", path, "--prompt", "x"],
+                 ["convert", path, str(tmp_path / "out.safetensors")],
+                 ["train", "--model", path, "--data", "demo", "--out", str(tmp_path / "run")]):
+        assert message in refused(capsys, *argv), argv
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_mistakes_in_paths_and_runs(tmp_path, capsys, tiny_file):
+    path = str(tiny_file[0])
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    cases = [
+        (["sample", "--model", str(tmp_path / "nope.safetensors"), "--prompt", "x"], "no such file or folder"),
+        (["train", "--out", str(tmp_path / "none"), "--resume"], "--resume: no run in"),
+        (["train", "--out", str(tmp_path / "a_file")], "cannot write to --out"),
+        (["train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "run"), "--model", path],
+         "no image file"),
+        (["convert", path, str(tmp_path / "no" / "such" / "folder.safetensors")], "does not exist"),
+        (["convert", path, str(tmp_path / "x.safetensors"), "--ema"], "without --ema"),
+        (["sample", "--model", path, "--prompt", "x", "--prediction", "eps", "--schedule", "zt"],
+         "ε-prediction cannot be sampled on the zero-terminal-SNR schedule"),
+        (["sample", "--model", path, "--prompt", "x", "--mask", path], "--mask needs --image"),
+        (["sample", "--model", path, "--prompt", "x", "--width", "72"], "multiples of 64"),
+    ]
+    for argv, message in cases:
+        assert message in refused(capsys, *argv), argv
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "no").exists()
+    Image.new("RGB", (64, 64)).save(tmp_path / "image.png")
+    Image.new("L", (32, 32)).save(tmp_path / "mask.png")
+    assert "give a mask of the image's size" in refused(capsys, "sample", "--model", path, "--prompt", "x", "--image",
+                                                        str(tmp_path / "image.png"), "--mask", str(tmp_path / "mask.png"))
+
+
+def test_every_image_under_min_side_says_which_setting_to_change(tmp_path, capsys):
+    (tmp_path / "small").mkdir()
+    for i in range(3):
+        Image.new("RGB", (200, 200)).save(tmp_path / "small" / f"{i}.png")
+    err = refused(capsys, "train", "--model", "x.safetensors", "--data", str(tmp_path / "small"), "--out",
+                  str(tmp_path / "run"))
+    assert "no such file or folder: x.safetensors" in err           # the model is checked before the data is scanned
+    err = refused(capsys, "train", "--data", str(tmp_path / "small"), "--out", str(tmp_path / "run"), "--min-side",
+                  "1024", "--batch-size", "2")
+    assert "no bucket holds a full global batch" in err and "min-side" in err and "batch size" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sample", "--model", "m", "--prompt", "x", "--steps", "0"], "--steps: 0 is below 1"),
+    (["sample", "--model", "m", "--prompt", "x", "--width", "100"], "--width: 100 is not a positive multiple of 8"),
+    (["sample", "--model", "m", "--prompt", "x", "--strength", "1.5"], "1.5 is not a probability"),
+    (["train", "--batch-size", "0"], "--batch-size: 0 is below 1"),
+    (["train", "--caption-dropout", "1.5"], "1.5 is not a probability"),
+    (["train", "--sample-size", "24", "30"], "30 is not a positive multiple of 8"),
+    (["train", "--prediction", "x0"], "invalid choice: 'x0'"),
+    (["train", "--steps", "ten"], "invalid int value: 'ten'"),
+    (["schedule", "--steps", "-3"], "--steps: -3 is below 1")])
+def test_flag_values_are_checked_where_they_are_parsed(capsys, argv, message):
+    assert message in refused(capsys, *argv, status=2)
+
+
+def test_a_full_disk_during_a_save_leaves_the_previous_files_whole(tmp_path, capsys, monkeypatch):
+    """The second save fails half-way (no space left): the files of the first are unchanged, and the run says so."""
+    out = tmp_path / "run"
+    _train(out, "--steps", "2", "--save-every", "1")
+    files = lambda: {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != "metrics.jsonl"}
+    before = files()
+
+    def full(tensors, path, metadata=None):
+        open(path, "wb").write(b"partial")
+        raise OSError(28, "No space left on device")
+    for module in (model, zd):
+        monkeypatch.setattr(module, "save_file", full)
+    with pytest.raises(zd.UserError, match="No space left on device.*the previous file is intact"):
+        _train(out, "--resume", "--steps", "3", "--save-every", "1")
+    assert files() == before                                  # the checkpoints and state, and no .tmp left
+
+
+def test_a_refusal_shows_its_traceback_with_debug(capsys):
+    with pytest.raises(zd.UserError):
+        zd.main(["--debug", "sample", "--model", "nope.safetensors", "--prompt", "x"])
 
 
 def test_demo_command_prints_the_brightness_table(tmp_path, capsys):

@@ -4,11 +4,15 @@ v-prediction, zero-terminal-SNR model.
     python zd.py --help            the subcommands, one line each
     python zd.py COMMAND --help    the flags of one
 
-Each subcommand is a plain function taking the parsed arguments, so a notebook can call it too.
+This file, top down: the train settings and `train` (the recipe as one loop; its math is schedule.py's, its data
+data.py's, its networks model.py's), then sampling, then the verification commands (schedule, vectors, check), then
+the checkpoint tools, then the command line. Each subcommand is a plain function of the parsed arguments, so a
+notebook can call it too.
 """
 import argparse
 import contextlib
 import copy
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -16,6 +20,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -35,6 +40,883 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 import data  # noqa: E402
 import model  # noqa: E402
 import schedule as S  # noqa: E402
+
+
+class UserError(Exception):
+    """A mistake of the user's (a path, a flag, a file): main() prints it as one line with the fix, no traceback."""
+
+
+def at_least(low, kind=int):
+    """An argparse type: a number ≥ low."""
+    def parse(text):
+        value = kind(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text} is below {low}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def probability(text):
+    """An argparse type: a probability in [0, 1]."""
+    if not 0 <= float(text) <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a probability in [0, 1]")
+    return float(text)
+
+
+def side(text):
+    """An argparse type: an image side in pixels, a multiple of 8 (the UNet halves it three times)."""
+    if int(text) < 8 or int(text) % 8:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive multiple of 8")
+    return int(text)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# zd.py train: the ZeroDiffusion recipe as one flat loop, nanoGPT-style
+
+def setting(default, help, **argparse_kw):
+    return dataclasses.field(default=default, metadata=dict(help=help, **argparse_kw))
+
+
+@dataclasses.dataclass
+class Settings:
+    """Every setting of `zd.py train`, each a flag (min_side is --min-side). The defaults are the ZeroDiffusion model
+    card's recipe where it gives one; DEMO holds what the from-scratch demo changes."""
+    # -- model and data
+    model: str = setting(None, "SD1.5 checkpoint to fine-tune: single file (full or EMA-only) or diffusers folder; "
+                         "the UNet and the EMA start from its EMA weights. Without it: the demo")
+    vae: str = setting(None, "a separate VAE file for the checkpoint")
+    ema_init: str = setting(None, "take the initial UNet/EMA weights from this file instead", metavar="PATH")
+    data: tuple = setting((), "image folder, tar shard path or glob, or 'demo'; repeatable", action="append",
+                          metavar="SRC")
+    out: str = setting("runs/zd", "output folder")
+    min_side: int = setting(1024, "keep images whose original shortest side is ≥ this (the recipe's data)",
+                           type=at_least(0))
+    min_aesthetic: float = setting(None, "keep samples whose json AESTHETIC_SCORE or aesthetic is ≥ X (off: the "
+                                   "recipe's data, LAION Aesthetics v2 5+, was selected by aesthetic ≥ 5)", metavar="X",
+                                   type=float)
+    max_watermark: float = setting(None, "keep samples whose json pwatermark is ≤ P (off: the recipe did not filter "
+                                   "watermarks)", metavar="P", type=probability)
+    max_unsafe: float = setting(None, "keep samples whose json punsafe is ≤ P (off: the recipe did not filter unsafe "
+                                "images)", metavar="P", type=probability)
+    drop_unscored: bool = setting(False, "drop samples that lack a score an active filter reads (else kept, counted)")
+    bucket_area: int = setting(512 * 512, "aspect buckets of this area in pixels: the five ZD buckets of ≈512²",
+                               type=at_least(64))
+    bucket_min: int = setting(384, "shortest bucket side", type=side)
+    bucket_max: int = setting(640, "longest bucket side", type=side)
+    bucket_step: int = setting(64, "bucket side step", type=side)
+    flip: bool = setting(False, "random horizontal flips")
+    random_crop: bool = setting(False, "random instead of centre crops")
+    inpaint: bool = setting(False, "train the 9-channel inpainting UNet on synthetic masks (a 4-channel checkpoint is "
+                            "expanded with zero-initialised channels)")
+    workers: int = setting(2, "data loader processes per rank", type=at_least(0))
+    # -- the recipe
+    prediction: str = setting("v", "what the UNet predicts", choices=("v", "eps"))
+    schedule: str = setting("zt", "zt: SD1.5's betas rescaled to zero terminal SNR (Lin et al. 2023, Alg. 1); sd15: as "
+                            "shipped", choices=("zt", "sd15"))
+    min_snr_gamma: float = setting(5.0, "min-SNR-γ loss weight (Hang et al. 2023) from the rescaled schedule's SNR; "
+                                   "0: plain MSE", type=at_least(0, float))
+    ip_noise_gamma: float = setting(0.1, "input perturbation γ (Ning et al. 2023), on the input only",
+                                    type=at_least(0, float))
+    caption_dropout: float = setting(0.1, 'probability of training on the empty caption ""', type=probability)
+    ema_decay: float = setting(0.9999, "EMA decay, constant from step 1", type=probability)
+    # -- optimisation (the model card gives no optimiser numbers: these are common SD1.5 fine-tuning choices)
+    steps: int = setting(10000, "optimiser steps", type=at_least(1))
+    batch_size: int = setting(4, "images per rank per micro-step", type=at_least(1))
+    grad_accum: int = setting(1, "micro-steps accumulated per optimiser step", type=at_least(1))
+    lr: float = setting(1e-5, "AdamW learning rate", type=at_least(0, float))
+    lr_schedule: str = setting("constant", "after the warm-up", choices=("constant", "cosine"))
+    warmup: int = setting(500, "linear warm-up steps", type=at_least(0))
+    weight_decay: float = setting(0.01, "AdamW weight decay", type=at_least(0, float))
+    max_grad_norm: float = setting(1.0, "gradient clipping", type=at_least(0, float))
+    seed: int = setting(0, "seed of the data order, dropout and all noise", type=at_least(0))
+    # -- run
+    resume: bool = setting(False, "continue the run in --out: weights, EMA, optimiser, step, data position; its "
+                           "settings are kept, except --steps, the intervals, sample prompts and hardware")
+    save_every: int = setting(1000, "write the checkpoints and the train state every N steps", type=at_least(1))
+    sample_every: int = setting(500, "write a grid of EMA samples every N steps, after saving; 0: never",
+                                type=at_least(0))
+    sample_prompts: tuple = setting(("a photograph of an astronaut riding a horse", "a plain black image",
+                                     "a plain white image", "a red apple on a wooden table"),
+                                    "prompt of the sample grids; repeatable", action="append", metavar="TEXT",
+                                    flag="--sample-prompt")
+    sample_size: tuple = setting((512, 512), "sample grid size", nargs=2, metavar=("W", "H"), type=side)
+    log_every: int = setting(10, "progress line and metrics.jsonl every N steps (and a line at least every 30 s)",
+                             type=at_least(1))
+    max_bad_steps: int = setting(5, "stop after this many non-finite steps in a row", type=at_least(1))
+    text_cache: int = setting(0, "keep the CLIP embeddings of up to N distinct captions", type=at_least(0))
+    half: bool = setting(False, "write fp16 checkpoints (the train state stays fp32)")
+    # -- hardware
+    device: str = setting(None, "cuda, cuda:1, cpu (default: the rank's GPU if there is one)")
+    precision: str = setting("bf16", "UNet autocast on GPUs (CPUs: fp32)", choices=("bf16", "fp32"))
+    grad_checkpointing: bool = setting(False, "recompute activations in the backward pass: 20% less memory, 45% "
+                                       "slower (H200, batch 8)")
+    compile: bool = setting(False, "torch.compile the UNet: compiles once per bucket shape before it pays off")
+
+
+# The demo trains from scratch, in pixel space (DEMO_UNET, no VAE): a larger LR, and an EMA whose horizon 1/(1 − d) = 50
+# steps is short next to the run (at 0.9999 the EMA of a few hundred steps would still be ~98% random init). Its
+# buckets are 16×32, 24×24 and 32×16 px, small enough for 400 steps of batch 32 to take minutes on two CPU cores.
+DEMO = dict(data=("demo",), out="runs/demo", steps=400, batch_size=32, lr=1e-3, warmup=20, ema_decay=0.98,
+            log_every=5, save_every=100, sample_every=100, text_cache=1024, sample_size=(24, 24),
+            bucket_area=24 * 24, bucket_min=16, bucket_max=32, bucket_step=8,
+            sample_prompts=("a plain black image", "a plain white image", "a red circle on a black background",
+                            "a blue square on a white background"))
+DEMO_UNET = dict(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(2,), context_dim=64)
+SETTINGS = {f.name for f in dataclasses.fields(Settings)}
+# What a resumed run may change; everything else comes from its train_state.json.
+RESUME_MAY_CHANGE = ("steps", "save_every", "sample_every", "sample_prompts", "sample_size", "log_every", "workers",
+                     "device", "max_bad_steps", "resume", "compile")
+T_BINS = 10  # the loss is also logged per timestep bin of 100 (as minRF does), to see where the model is still wrong
+
+
+def train(args):
+    """Fine-tune SD1.5's UNet with the ZeroDiffusion recipe: v-prediction on the zero-terminal-SNR schedule, min-SNR-γ
+    weights, IP noise, caption dropout, AdamW, EMA, with CLIP and the VAE frozen. Without --model: the demo, a small
+    pixel-space model from scratch on procedural images. `args`: parsed flags or Settings. Returns (UNet, EMA)."""
+    s = args if isinstance(args, Settings) else settings(args)
+    rank, world, device = init_distributed(s.device)
+    ddp, cuda = torch.distributed.is_initialized(), device.type == "cuda"
+    log = print if rank == 0 else (lambda *a, **k: None)
+    check_writable(s.out)
+    interrupts = Interrupts(log)
+
+    # ---- networks: the UNet trains, CLIP and the VAE are frozen; UNet and EMA start from the same (EMA) weights
+    nets = starting_model(s, log)
+    unet = nets.unet.to(device).train().requires_grad_(True)
+    unet.gradient_checkpointing = s.grad_checkpointing
+    for frozen in (nets.text_encoder, nets.vae):
+        if frozen is not None:
+            frozen.to(device).eval().requires_grad_(False)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # the frozen fp32 VAE/CLIP
+        unet.to(memory_format=torch.channels_last)
+    ema = copy.deepcopy(unet).eval()
+    net = unet   # what the loop calls: DDP averages gradients over ranks in backward; `unet` is what we step and save
+    if ddp:
+        net = torch.nn.parallel.DistributedDataParallel(unet, device_ids=[device.index] if cuda else None)
+    if s.compile:
+        net = torch.compile(net)
+    opt = torch.optim.AdamW(unet.parameters(), lr=s.lr, weight_decay=s.weight_decay, fused=True)
+
+    # ---- fresh, or the saved run's weights, EMA, optimiser, step and data position
+    step, position, skipped = 0, -1, 0
+    if s.resume:
+        step, position, skipped = load_state(s.out, unet, ema, opt)
+        log(f"train: resumed {s.out} at step {step}, data position {position + 1}")
+    elif rank == 0 and os.path.exists(os.path.join(s.out, "train_state.json")):
+        log(f"train: {s.out} holds an earlier run: starting over (--resume continues it)")
+        Path(s.out, "metrics.jsonl").unlink(missing_ok=True)
+
+    abar = S.alphas_cumprod(S.betas(s.schedule == "zt")).to(device)   # float64, never fp16 (pitfall 8)
+    snr = S.snr(abar)                                                 # of the *rescaled* schedule (pitfall 1)
+    loader = make_loader(s, rank, world, cuda)
+    batches = loader.batches(start=position + 1)
+    text_cache = {}
+    global_batch = s.batch_size * world * s.grad_accum
+    log(f"train: {sum(p.numel() for p in unet.parameters()):,} UNet parameters; {world} rank(s) on {device}"
+        f"{f' (DDP, {torch.distributed.get_backend()})' if ddp else ''}; global batch {global_batch} = "
+        f"{s.batch_size} per rank × {world} × {s.grad_accum} accumulated")
+    log(f"train: {s.prediction}-prediction, {s.schedule} schedule, min-SNR γ {s.min_snr_gamma:g}, IP noise γ "
+        f"{s.ip_noise_gamma:g}, caption dropout {s.caption_dropout:g}, EMA {s.ema_decay:g}, lr {s.lr:g} ({s.warmup} "
+        f"warm-up steps, then {s.lr_schedule}), {s.steps} steps → {s.out}")
+    if rank == 0 and s.sample_every and not cuda and nets.vae is not None:
+        log(f"train: each sample grid takes ≈ {grid_seconds(unet, s) / 60:.0f} min on this CPU "
+            f"({4 * len(s.sample_prompts)} images, 25 steps, {s.sample_size[0]}×{s.sample_size[1]}); "
+            "--sample-every 0 skips them")
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=cuda and s.precision == "bf16")
+    window, progress, saved, started, bad_run = Window(), Progress(s, step, log), step, step, 0
+    try:
+        while step < s.steps and not interrupts.agreed(ddp, device):
+            lr = get_lr(step, s.lr, s.warmup, s.steps, s.lr_schedule)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss, per_t = 0.0, []
+            for micro in range(s.grad_accum):
+                batch = next(batches)
+                position = batch["position"]
+                pixels = to_device(batch["pixels"], device)
+                H, W = pixels.shape[-2:]
+                shape = (3, H, W) if nets.vae is None else (4, H // 8, W // 8)
+                t, noise, ip_noise, xi, xi_masked = (None if a is None else to_device(a, device) for a in sample_noise(
+                    s.seed, step * s.grad_accum + micro, batch["index"], shape, s.inpaint))
+                x0 = encode_pixels(nets, pixels, xi)
+                context = encode_captions(nets, batch["captions"], text_cache, s.text_cache)
+                x_t, target, weight = recipe_inputs(x0, noise, ip_noise, t, abar, snr, s.prediction, s.min_snr_gamma,
+                                                    s.ip_noise_gamma)
+                if s.inpaint:  # [x_t, mask, masked-image latent], the mask nearest-downsampled
+                    mask = F.interpolate(to_device(batch["mask"], device), size=x_t.shape[-2:], mode="nearest")
+                    masked = encode_pixels(nets, to_device(batch["masked_pixels"], device), xi_masked)
+                    x_t = torch.cat([x_t, mask, masked], dim=1)
+                if cuda:
+                    x_t = x_t.contiguous(memory_format=torch.channels_last)
+                last = micro == s.grad_accum - 1
+                with autocast, (contextlib.nullcontext() if last or not ddp else net.no_sync()):
+                    micro_loss, per_sample = S.weighted_mse(net(x_t, t, context), target, weight)   # in fp32
+                    (micro_loss / s.grad_accum).backward()
+                loss += micro_loss.detach() / s.grad_accum
+                per_t.append((t, per_sample))
+            norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), s.max_grad_norm)
+            # A step whose gradient is not finite (a non-finite loss makes it so) is skipped: weights, Adam moments and
+            # step count stay as they were. The norm is that of the gradient all ranks share, so they agree. This
+            # reads the norm on the host each step, which costs nothing measurable on a GPU (README, On a GPU).
+            good = bool(torch.isfinite(norm))
+            if good:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            # constant from step 1, so the EMA init is not wiped (pitfall 5); also after a skip, as diffusers' EMA does
+            S.ema_update(ema.parameters(), unet.parameters(), S.ema_decay(step, s.ema_decay))
+            skipped, bad_run = skipped + (not good), 0 if good else bad_run + 1
+            window.add(good, loss, norm, per_t)
+
+            if step % s.log_every == 0 or step == s.steps:
+                metrics = window.metrics(step, lr, skipped, global_batch, ddp, world, device if cuda else None)
+                if rank == 0:
+                    with open(os.path.join(s.out, "metrics.jsonl"), "a") as f:
+                        f.write(json.dumps(metrics) + "\n")
+                progress.line(step, metrics)
+                window = Window()
+            else:
+                progress.heartbeat(step)
+            if bad_run >= s.max_bad_steps:
+                if rank == 0:
+                    save(s, step, position, skipped, unet, ema, opt, nets)
+                raise UserError(f"train: stopped at step {step}: {bad_run} steps in a row had a non-finite loss or "
+                                f"gradient and were skipped ({skipped} in all). The weights from before them are saved "
+                                f"in {s.out}; lower --lr or check the data, then --resume.")
+            if rank == 0 and (step % s.save_every == 0 or step == s.steps):   # saved before any sampling
+                saved = save(s, step, position, skipped, unet, ema, opt, nets)
+            if rank == 0 and s.sample_every and not s.inpaint and (step % s.sample_every == 0 or step == s.steps):
+                sample_grid(s, step, ema, nets, log, stop=lambda: interrupts.signal)
+        if rank == 0 and saved != step:
+            save(s, step, position, skipped, unet, ema, opt, nets)
+        if interrupts.signal:
+            log(f"train: {signal.Signals(interrupts.signal).name}: stopped at step {step}" + (
+                f", saved in {s.out}; --resume continues" if step > started else ", before training: nothing new to save"))
+        else:
+            log(f"train: step {step}: wrote {s.out}/model.safetensors, model_ema.safetensors and train_state.*")
+    finally:
+        interrupts.restore()
+        if ddp:
+            torch.distributed.destroy_process_group()
+    return unet, ema
+
+
+def settings(args):
+    """The run's Settings from parsed flags (None = not given): a flag given, else with --resume the run's own setting,
+    else the demo's (without --model), else the recipe's. With --resume only RESUME_MAY_CHANGE may differ."""
+    given = {k: v for k, v in vars(args).items() if k in SETTINGS and v is not None}
+    values = dataclasses.asdict(Settings()) | ({} if given.get("model") else DEMO)
+    if given.get("resume"):
+        out = given.get("out", values["out"])
+        try:
+            with open(os.path.join(out, "train_state.json")) as f:
+                state = json.load(f)
+        except FileNotFoundError:
+            raise UserError(f"train: --resume: no run in {out} (no train_state.json); point --out at the run's folder, "
+                            "or start a new run without --resume") from None
+        saved = {k: v for k, v in (state.get("settings") or state["args"]).items() if k in SETTINGS}  # "args": older
+        ignored = {k: v for k, v in given.items() if k not in RESUME_MAY_CHANGE and k in saved and v != saved[k]}
+        if ignored:
+            print(f"train: --resume continues the run's own settings; ignoring {ignored}")
+        values |= saved
+        given = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}
+    values |= given
+    values["data"], values["sample_prompts"] = tuple(values["data"]), tuple(values["sample_prompts"])
+    values["sample_size"] = tuple(values["sample_size"])
+    if not values["data"]:
+        raise UserError("train: --model needs --data (an image folder or tar shards; repeatable)")
+    return Settings(**values)
+
+
+def check_writable(out):
+    """Fail now, not at the first save an hour in, when --out cannot be written."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out) as f:           # a name of its own: every rank checks at once
+            f.write(b"ok")
+    except OSError as e:
+        raise UserError(f"train: cannot write to --out {out} ({e.strerror}); choose a folder you can write") from None
+
+
+class Interrupts:
+    """SIGINT (Ctrl-C) and SIGTERM (what a scheduler sends) ask the run to stop after the current step, saved. A second
+    Ctrl-C exits at once; the files on disk are whole either way, as every save is atomic."""
+
+    def __init__(self, log):
+        self.signal, self.log = None, log
+        self.saved = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        if self.signal == signal.SIGINT and signum == signal.SIGINT:
+            print("train: second Ctrl-C: quitting now, without saving this step", file=sys.stderr, flush=True)
+            os._exit(130)
+        self.signal = signum
+        print(f"train: {signal.Signals(signum).name}: stopping after this step, saving it first (Ctrl-C again quits "
+              "at once)", file=sys.stderr, flush=True)
+
+    def agreed(self, ddp, device):
+        """Whether to stop: every rank stops at the same step when any one of them was signalled."""
+        if ddp:
+            flag = torch.tensor(float(self.signal is not None), device=device)
+            torch.distributed.all_reduce(flag)
+            if flag.item() and self.signal is None:
+                self.signal = signal.SIGTERM
+        return self.signal is not None
+
+    def restore(self):
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+
+
+def starting_model(s, log):
+    """The networks to start from: the checkpoint (--model, its EMA weights, or --ema-init's), or the demo's."""
+    if not s.model:
+        log("train: demo — a small pixel-space UNet (no VAE) trained from scratch on procedural images; a tiny frozen "
+            "CLIP with random weights encodes the captions")
+        return demo_model(s.seed, s.prediction, s.schedule == "zt", s.inpaint)
+    nets = load_model(s.model, vae_path=s.vae)
+    if s.ema_init:
+        init = load_model(s.ema_init)
+        nets.unet.load_state_dict(init.unet.state_dict())
+        nets.meta["ema"] = init.meta["ema"]
+    source = {"ema": "model_ema.* weights", None: "weights (an EMA-only file holds the EMA)"}[nets.meta.get("ema")]
+    log(f"train: UNet and EMA start from {s.ema_init or s.model}'s {source}")
+    if nets.meta.get("inpaint") and not s.inpaint:
+        log("train: the checkpoint is a 9-channel inpainting UNet: training it as one (--inpaint)")
+        s.inpaint = True
+    if s.inpaint and nets.unet.cfg.in_channels == 4:
+        nets.unet = model.expand_to_inpaint(nets.unet)
+    return nets
+
+
+def demo_model(seed=0, prediction="v", ztsnr=True, inpaint=False):
+    """A small model from scratch for the demo, in **pixel space**: no VAE, the UNet denoises 3-channel images
+    (7 with inpainting: [x_t, mask, masked image]). A tiny CLIP with random weights, frozen, turns each caption into
+    a distinct embedding; the UNet learns what they mean."""
+    torch.manual_seed(seed)
+    unet = model.UNet(model.UNetConfig(in_channels=7 if inpaint else 3, out_channels=3, **DEMO_UNET))
+    text_encoder = model.CLIPTextModel(model.CLIPConfig.tiny())
+    meta = dict(prediction=prediction, ztsnr=ztsnr, inpaint=inpaint, pixel_space=True, ema=False)
+    return model.SD(unet, None, text_encoder, model.Tokenizer.default(), meta)
+
+
+# The settings data.Loader takes, the same for `train` and `zd.py data`.
+LOADER_SETTINGS = ("seed", "workers", "min_side", "min_aesthetic", "max_watermark", "max_unsafe", "drop_unscored",
+                   "bucket_area", "bucket_min", "bucket_max", "bucket_step", "caption_dropout", "flip", "random_crop")
+
+
+def make_loader(s, rank, world, cuda):
+    """data.Loader with the run's data settings; its errors (no such folder, no usable image) name what to change."""
+    try:
+        return data.Loader(list(s.data), s.batch_size, rank=rank, world_size=world, pin_memory=cuda, inpaint=s.inpaint,
+                           **{k: getattr(s, k) for k in LOADER_SETTINGS})
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(f"train: {e}") from None
+
+
+def get_lr(step, lr, warmup, steps, schedule="constant"):
+    """Linear warm-up over `warmup` steps, then constant, or a cosine to 0 at `steps` (Loshchilov & Hutter 2017)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant":
+        return lr
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def sample_noise(seed, micro_step, index, shape, inpaint=False):
+    """Per-sample randomness: t ~ U{0..999}, ε, the IP noise ξ and the VAE posterior's noise (a second one for the
+    masked image), from a CPU generator seeded by (seed, micro-step, the sample's global index). A sample gets the same
+    draws whichever rank holds it and whatever batch surrounds it, so results do not depend on the number of ranks,
+    and a resumed run needs no generator state."""
+    t, draws = [], []
+    for i in index.tolist():
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, micro_step, i]).generate_state(1)[0]))
+        t.append(torch.randint(0, S.T, (), generator=g))
+        draws.append(torch.randn((4 if inpaint else 3, *shape), generator=g))
+    draws = torch.stack(draws)                                   # [B, 3 or 4, *shape]
+    return torch.stack(t), draws[:, 0], draws[:, 1], draws[:, 2], draws[:, 3] if inpaint else None
+
+
+def recipe_inputs(x0, noise, ip_noise, t, abar, snr, prediction="v", min_snr_gamma=5.0, ip_noise_gamma=0.1):
+    """The UNet input, target and loss weight of the recipe for clean latents x0 at timesteps t [B]:
+    x_t with IP noise on the input alone (Ning et al. 2023, eq. 9), the target from the clean ε (pitfall 4), and
+    min-SNR-γ weights from the SNR of the schedule trained on, rescaled for ZT (Hang et al. 2023; pitfall 1); γ = 0
+    weighs every sample 1."""
+    x_t = S.add_noise(x0, noise, abar[t], ip_noise, ip_noise_gamma)
+    target = S.target(x0, noise, abar[t], prediction)
+    weight = S.min_snr_weight(snr[t], min_snr_gamma, prediction) if min_snr_gamma else torch.ones_like(snr[t])
+    return x_t, target, weight.float()
+
+
+def to_device(x, device):
+    """A CPU tensor on the device without a host sync: a copy from pageable memory waits for the GPU, one from pinned
+    memory does not."""
+    if device.type == "cuda" and not x.is_pinned():
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)
+
+
+@torch.no_grad()
+def encode_captions(nets, captions, cache, limit):
+    """CLIP embeddings [B, 77, C] from the frozen text encoder (fp32); dropped captions are "" and encoded too. With a
+    cache (limit > 0) each new caption is encoded alone and kept, so an embedding never depends on the batch it first
+    appeared in (which keeps resumed runs bit-identical)."""
+    device = next(nets.text_encoder.parameters()).device
+    if not limit:
+        return nets.text_encoder(to_device(nets.tokenizer(captions), device))
+    rows = []
+    for c in captions:
+        e = cache.get(c)
+        if e is None:
+            e = nets.text_encoder(to_device(nets.tokenizer([c]), device))[0]
+            if len(cache) < limit:
+                cache[c] = e
+        rows.append(e)
+    return torch.stack(rows)
+
+
+def init_distributed(device=None):
+    """(rank, world size, device) from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); under torchrun a process
+    group is set up, NCCL on GPUs and gloo on CPUs, even for one process. A plain `python zd.py train` is rank 0 of 1
+    without one."""
+    world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    device = torch.device(device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local) if device.index is None else device     # --device cuda: the rank's GPU
+        torch.cuda.set_device(device)
+    if "RANK" in os.environ and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+class Window:
+    """Running sums over the steps since the last log line: the loss and gradient norm of the good steps, the skipped
+    steps, and the loss per timestep bin of 100 (as minRF logs it)."""
+
+    def __init__(self):
+        self.t0, self.steps, self.good, self.skipped = time.time(), 0, 0, 0
+        self.loss = self.norm = 0.0
+        self.bin_loss, self.bin_count = [0.0] * T_BINS, [0] * T_BINS
+
+    def add(self, good, loss, norm, per_t):
+        self.steps += 1
+        if not good:
+            self.skipped += 1
+            return
+        self.good += 1
+        self.loss, self.norm = self.loss + loss.item(), self.norm + norm.item()
+        for t, per_sample in per_t:
+            for b, l in zip((t * T_BINS // S.T).tolist(), per_sample.tolist()):
+                self.bin_loss[b] += l
+                self.bin_count[b] += 1
+
+    def metrics(self, step, lr, skipped, global_batch, ddp, world, device):
+        """The window's metrics.jsonl line; under DDP the loss sums of all ranks (the same steps, their own samples)."""
+        loss, bin_loss, bin_count = self.loss, self.bin_loss, self.bin_count
+        if ddp:
+            sums = torch.tensor([loss, *bin_loss, *bin_count], dtype=torch.float64, device=device or "cpu")
+            torch.distributed.all_reduce(sums)
+            loss, bin_loss, bin_count = sums[0].item() / world, sums[1:1 + T_BINS].tolist(), sums[1 + T_BINS:].tolist()
+        dt, w = time.time() - self.t0, S.T // T_BINS
+        metrics = dict(step=step, loss=loss / max(self.good, 1), lr=lr, grad_norm=self.norm / max(self.good, 1),
+                       skipped=skipped, it_s=self.steps / dt, samples_s=self.steps * global_batch / dt,
+                       loss_by_t={f"{w * b}-{w * (b + 1) - 1}": bin_loss[b] / bin_count[b] for b in range(T_BINS)
+                                  if bin_count[b]})
+        if device is not None:
+            metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        return metrics
+
+
+class Progress:
+    """The progress lines, one line each (a piped log reads as it grows): one per log step, and one at least every
+    30 s between them, so a slow run never looks hung."""
+
+    def __init__(self, s, step, log):
+        self.steps, self.log = s.steps, log
+        self.t0, self.step0, self.last = time.time(), step, time.time()
+
+    def say(self, step, text):
+        rate = (step - self.step0) / max(time.time() - self.t0, 1e-9)
+        eta = int((self.steps - step) / max(rate, 1e-9))
+        self.log(f"step {step}/{self.steps}  {text}ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}", flush=True)
+        self.last = time.time()
+
+    def line(self, step, m):
+        gpu = f"GPU peak {m['gpu_mem_gb']:.1f} GB  " if "gpu_mem_gb" in m else ""
+        skipped = f"skipped {m['skipped']}  " if m["skipped"] else ""
+        self.say(step, f"loss {m['loss']:.4f}  lr {m['lr']:.2e}  {m['it_s']:.2f} it/s  {m['samples_s']:.1f} samples/s  "
+                       f"{gpu}{skipped}")
+
+    def heartbeat(self, step):
+        if time.time() - self.last >= 30:
+            self.say(step, "")
+
+
+def grid_seconds(unet, s):
+    """How long one sample grid takes, from one timed UNet call on the grid's latent size (with CFG's pair)."""
+    w, h = s.sample_size
+    x = torch.zeros(2, unet.cfg.in_channels, h // 8, w // 8, device=unet.out[2].weight.device)
+    context = torch.zeros(2, 77, unet.cfg.context_dim, device=x.device)
+    with torch.no_grad():
+        t0 = time.time()
+        unet.eval()(x, torch.tensor([999, 999], device=x.device), context)
+        unet.train()
+    return (time.time() - t0) * 25 * 4 * len(s.sample_prompts)
+
+
+def save(s, step, position, skipped, unet, ema, opt, nets):
+    """model.safetensors and model_ema.safetensors (single files marked v/ZT with sidecar yamls, as SD1.5 tools load
+    them), then the train state for --resume. Returns the step saved."""
+    for name, net in (("model", unet), ("model_ema", ema)):
+        write_file(os.path.join(s.out, f"{name}.safetensors"), lambda path: model.save(
+            path, net, nets.text_encoder, nets.vae, half=s.half, prediction=s.prediction, ztsnr=s.schedule == "zt",
+            extra_metadata={"zd.train.step": str(step), "zd.train.weights": "ema" if net is ema else "raw"}))
+    save_state(s, step, position, skipped, unet, ema, opt)
+    return step
+
+
+def write_file(path, write):
+    """write(path), which replaces the file atomically; a full disk leaves the previous file whole and says so."""
+    try:
+        write(path)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror}); the previous file is intact: free space or choose another "
+                        "folder, then --resume") from None
+
+
+def save_state(s, step, position, skipped, unet, ema, opt):
+    """What a resume needs, as safetensors (tensors) + JSON (step, data position, skipped steps, the settings); never
+    pickle. Optimiser state is flattened by parameter index: opt.{i}.exp_avg, opt.{i}.exp_avg_sq, opt.{i}.step.
+    There is no generator state to keep: every draw of the loop comes from generators seeded by (seed, step, sample
+    index) (sample_noise here, data.sample_rng for dropout, crops and masks): step and position are the whole of it."""
+    tensors = {f"unet.{k}": v for k, v in unet.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    for i, state in opt.state_dict()["state"].items():
+        tensors.update({f"opt.{i}.{k}": torch.as_tensor(v) for k, v in state.items()})
+    path = Path(s.out, "train_state.safetensors")
+    write_file(path, lambda p: model.atomic_write(p, lambda tmp: save_file(
+        {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata={"step": str(step)})))
+    meta = dict(step=step, position=position, counters=dict(skipped=skipped), settings=dataclasses.asdict(s))
+    write_file(path.with_suffix(".json"), lambda p: model.atomic_write(
+        p, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1))))
+
+
+def load_state(out, unet, ema, opt):
+    """Restore what save_state wrote into the UNet, EMA and optimiser; returns (step, data position, skipped)."""
+    meta = json.loads(open(os.path.join(out, "train_state.json")).read())
+    path = os.path.join(out, "train_state.safetensors")
+    with safe_open(path, "pt") as f:
+        if f.metadata()["step"] != str(meta["step"]):
+            raise UserError(f"train: {path} is from step {f.metadata()['step']} but train_state.json from step "
+                            f"{meta['step']}: the run was killed while saving; its model files are whole, start anew")
+    tensors = load_file(path)
+    unet.load_state_dict({k[len("unet."):]: v for k, v in tensors.items() if k.startswith("unet.")})
+    ema.load_state_dict({k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")})
+    opt_state = opt.state_dict()
+    opt_state["state"] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, i, name = k.split(".")
+            opt_state["state"].setdefault(int(i), {})[name] = v
+    opt.load_state_dict(opt_state)
+    for p, state in opt.state.items():   # moments in the parameter's memory format (channels-last on GPUs): fused
+        for k in ("exp_avg", "exp_avg_sq"):     # AdamW needs the same strides, and the file holds them contiguous
+            state[k] = torch.empty_like(p).copy_(state[k])
+    return meta["step"], meta["position"], meta["counters"]["skipped"]
+
+
+def sample_grid(s, step, ema, nets, log, stop):
+    """EMA samples of the fixed prompts, a row of four per prompt from the same four noises (out/samples/
+    step_NNNNNN/grid.png), saying how far it got; stop() between prompts abandons it (the step is saved already)."""
+    w, h = s.sample_size
+    ema_nets = model.SD(ema, nets.vae, nets.text_encoder, nets.tokenizer,
+                      dict(nets.meta, prediction=s.prediction, ztsnr=s.schedule == "zt"))
+    images = []
+    for i, prompt in enumerate(s.sample_prompts):
+        if stop():
+            return
+        images.append(generate(ema_nets, [prompt] * 4, steps=25, seed=0, width=w, height=h, progress=False))
+        log(f"train: sample grid at step {step}: {4 * (i + 1)}/{4 * len(s.sample_prompts)} images", flush=True)
+    save_png(torch.cat(images), os.path.join(s.out, "samples", f"step_{step:06d}"), cols=4)
+
+
+def demo(args):
+    """Train the demo twice, with the recipe (zero-terminal-SNR schedule, v-prediction) and with SD1.5's (scaled-linear
+    schedule, ε-prediction), then sample "a plain black image" and "a plain white image" from each EMA model with the
+    same sampler and seeds and print their mean pixel value (0–255). SD1.5's schedule leaves √ᾱ_999 = 0.068 of the
+    image in its noisiest input, so a model trained on it learns that the mean brightness survives in the noise, and
+    pure noise (mean 0) at sampling pulls it to mid-grey (Lin et al. 2023, §3.1)."""
+    prompts = ("a plain black image", "a plain white image")
+    rows = []
+    for name, schedule, prediction in (("demo", "zt", "v"), ("demo-sd15-eps", "sd15", "eps")):
+        out = os.path.join(args.out, name)
+        if not args.no_train:
+            train(parser().parse_args(["train", "--out", out, "--schedule", schedule, "--prediction", prediction,
+                                       "--steps", str(args.steps), "--seed", str(args.seed)]))
+        nets = model.load(os.path.join(out, "model_ema.safetensors"))
+        means = [generate(nets, [p] * args.n, steps=25, seed=args.seed, width=24, height=24, prediction=prediction,
+                          zero_terminal_snr=schedule == "zt", progress=False).float().mean().item() for p in prompts]
+        label = "zero terminal SNR" if schedule == "zt" else "SD1.5"
+        rows.append((f"{label} schedule, {prediction}-prediction", means))
+    print(f"\nmean pixel value (0–255) of {args.n} EMA samples each, 25 trailing DDIM steps, CFG 7.5, rescale 0.7:")
+    print(f"{'':40s}" + "".join(f"{repr(p):>24s}" for p in prompts))
+    print(f"{'training images':40s}{0:24.1f}{255:24.1f}")
+    for label, means in rows:
+        print(f"{label:40s}" + "".join(f"{m:24.1f}" for m in means))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# zd.py sample: DDIM (η = 0) on trailing timesteps with CFG rescale — the sampler a zero-terminal-SNR v model needs
+
+@torch.no_grad()
+def ddim(nets, x, context, ts, abar, prediction, guidance=7.5, rescale=0.7, known=None, progress=False):
+    """Deterministic DDIM, η = 0 (Song et al. 2021, eq. 12), from x at ts[0] down the list ts (trailing spacing starts
+    at t = 999, Lin et al. 2023, Table 2): at each t the UNet's output on [uncond; cond] is guided and rescaled
+    (Lin et al. 2023, Alg. 2) and x steps to the next t of the list, ᾱ_prev = 1 after the last (the step returns x̂0).
+    `known`: the inpainting UNet's extra input channels, [mask (1), masked-image latent (4)]."""
+    start = time.time()
+    for i, t in enumerate(ts.tolist()):
+        x_in = x if known is None else torch.cat([x, known], dim=1)
+        x_in = torch.cat([x_in, x_in]) if guidance > 1 else x_in      # guidance ≤ 1: the conditional pass alone
+        out = nets.unet(to_net(nets.unet, x_in), torch.full((len(x_in),), t, device=x.device),
+                        to_net(nets.unet, context)).float()
+        if guidance > 1:
+            out = S.guidance(*out.chunk(2), guidance, rescale)        # on the raw model output (v or ε)
+        x = S.ddim_step(x, out, abar[t], S.abar_at(abar, S.prev_timestep(ts, i)), prediction)
+        if progress:
+            print(f"\rsampling: step {i + 1}/{len(ts)}  t={t:3d}  {time.time() - start:5.1f}s", end="", file=sys.stderr,
+                  flush=True)
+    if progress:
+        print(file=sys.stderr)
+    return x
+
+
+@torch.no_grad()
+def generate(nets, prompts, *, negative="", steps=25, guidance=7.5, rescale=0.7, seed=0, width=512, height=512,
+             prediction=None, zero_terminal_snr=None, image=None, mask=None, strength=None,
+             device=None, dtype=None, progress=True):
+    """Images for a list of prompts (one image each; repeat a prompt for several), uint8 [N, H, W, 3]: `ddim` on
+    `steps` trailing timesteps with classifier-free guidance `guidance` rescaled by φ = `rescale`, on the schedule and
+    parameterisation the checkpoint is marked with (`sampling_schedule`).
+    The initial noise is the first draw of the seed's generator, exactly
+        torch.randn((N, C, H/8, W/8), generator=torch.Generator("cpu").manual_seed(seed))   # float32, then moved
+    (C = 4; pixel-space models: the UNet's output channels at H×W), as diffusers' fp32 pipelines draw it with the same
+    generator.
+    `image` (path, PIL or [1, 3, H, W] in [−1, 1]): img2img for a base model, starting `strength` (default 0.8) of the
+    way up the step list as diffusers' img2img does; the inpainting input for a 9-channel model with `mask`
+    (white = repaint; default strength 1.0). Posterior samples of the VAE are drawn from the same generator after
+    the noise, as diffusers' inpainting pipeline does (its img2img pipeline draws the image's sample first, so img2img
+    runs agree with it in the step list and the formula, not in the draw). `nets`' modules are used on their own
+    device and dtype; `device`/`dtype` move them there first."""
+    pred, zt = sampling_schedule(nets.meta, prediction, zero_terminal_snr)
+    if device is not None or dtype is not None:
+        for m in (nets.unet, nets.vae, nets.text_encoder):
+            if m is not None:
+                m.to(device=device, dtype=dtype)
+    device = next(nets.unet.parameters()).device
+    inpaint = bool(nets.meta.get("inpaint"))
+    f = 1 if nets.vae is None else 8
+    if width % (8 * f) or height % (8 * f) or steps < 1:
+        raise ValueError(f"width and height must be multiples of {8 * f} (the UNet halves the latent three times), "
+                         "steps ≥ 1")
+    if inpaint and (image is None or mask is None):
+        raise ValueError("an inpainting model needs an image and a mask (white = repaint)")
+    if mask is not None and not inpaint:
+        raise ValueError("a mask needs an inpainting (9-channel UNet) model; a base model takes an image alone "
+                         "(img2img)")
+    strength = (1.0 if inpaint else 0.8) if strength is None else strength
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+    n = len(prompts)
+
+    abar = S.alphas_cumprod(S.betas(zt))                  # float64; ᾱ is looked up per step, never held in fp16
+    ts = S.timesteps(steps, "trailing")
+    if image is not None:                                 # diffusers' img2img/inpaint get_timesteps: skip the first
+        ts = ts[steps - min(int(steps * strength), steps):]   # N − ⌊N·strength⌋ steps of the list
+        if len(ts) == 0:
+            raise ValueError(f"strength {strength} leaves no step of {steps}")
+
+    generator = torch.Generator("cpu").manual_seed(seed)
+    channels = 4 if nets.vae is not None else nets.unet.cfg.out_channels    # pixel space: x_t is the image itself
+    noise = torch.randn((n, channels, height // f, width // f), generator=generator).to(device)
+    guided = guidance > 1                                 # as diffusers: guidance ≤ 1 runs the conditional pass alone
+    context = encode_prompts(nets, (negatives if guided else []) + prompts, device)    # [uncond; cond]
+    x, known = noise, None
+    if image is not None:
+        image = image_tensor(image, width, height).to(device)
+        if inpaint:
+            m = mask_tensor(mask, width, height).to(device)
+            masked = encode_image(nets, image * (m < 0.5), generator)        # the SD-inpainting masked image
+            known = torch.cat([F.interpolate(m, size=noise.shape[-2:]), masked], dim=1).expand(n, -1, -1, -1)
+        if not inpaint or strength < 1:
+            # the image noised to the first step's ᾱ, x_t = √ᾱ·x0 + √(1−ᾱ)·ε (Ho et al. 2020, eq. 4); an inpainting
+            # model at strength 1 starts from pure noise, as diffusers' inpainting pipeline does
+            x = S.add_noise(encode_image(nets, image, generator).expand_as(noise), noise, abar[ts[0]])
+    x = ddim(nets, x, context, ts, abar, pred, guidance, rescale, known, progress and sys.stderr.isatty())
+    return decode_latents(nets, x)
+
+
+def sampling_schedule(meta, prediction=None, zero_terminal_snr=None):
+    """(prediction, zero_terminal_snr) to sample with: the arguments when given, else the checkpoint's markers, else
+    SD1.5's own (ε on the scaled-linear schedule), saying so. ε on the zero-terminal-SNR schedule is refused: its
+    first step would divide by √ᾱ_999 = 0 (pitfall 7)."""
+    pred = prediction or meta.get("prediction")
+    zt = zero_terminal_snr if zero_terminal_snr is not None else meta.get("ztsnr")
+    if pred is None or zt is None:                        # unmarked: what SD1.5 itself is
+        pred, zt = pred or "eps", bool(zt)
+        print(f"note: the checkpoint is not fully marked; assuming {'ε' if pred == 'eps' else 'v'} prediction on the "
+              f"{'zero-terminal-SNR' if zt else 'SD1.5'} schedule. Override with --prediction v|eps, "
+              "--schedule zt|sd15.")
+    if pred not in ("v", "eps"):
+        raise ValueError(f"unknown prediction type {pred!r}: use 'v' or 'eps'")
+    if pred == "eps" and zt:
+        raise ValueError("ε-prediction cannot be sampled on the zero-terminal-SNR schedule: x̂0 = (x_t − √(1−ᾱ)·ε)/√ᾱ "
+                         "divides by √ᾱ_999 = 0. A model trained with ZT is a v model (--prediction v); a stock SD1.5 "
+                         "checkpoint is ε on its own schedule (--schedule sd15).")
+    return pred, zt
+
+
+def image_tensor(image, width, height):
+    """A path, PIL image or tensor → [1, 3, H, W] in [−1, 1]; PIL images resized with Lanczos, as diffusers does."""
+    if isinstance(image, torch.Tensor):
+        return image.reshape(-1, 3, *image.shape[-2:]).float()
+    img = Image.open(image) if isinstance(image, (str, os.PathLike)) else image
+    img = img.convert("RGB")
+    if img.size != (width, height):
+        img = img.resize((width, height), Image.LANCZOS)
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None] * 2 - 1
+
+
+def mask_tensor(mask, width, height):
+    """A path, PIL image or tensor → [1, 1, H, W] of 0/1, 1 = repaint (white), binarised at 0.5 like diffusers."""
+    if isinstance(mask, torch.Tensor):
+        m = mask.reshape(-1, 1, *mask.shape[-2:]).float()
+    else:
+        img = (Image.open(mask) if isinstance(mask, (str, os.PathLike)) else mask).convert("L")
+        if img.size != (width, height):
+            img = img.resize((width, height), Image.LANCZOS)
+        m = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255)[None, None]
+    return (m >= 0.5).float()
+
+
+def to_net(module, x):
+    """x on a network's device and in its dtype (fp16/bf16 weights); the sampler's own state stays float32."""
+    p = next(module.parameters())
+    return x.to(p.device, p.dtype)
+
+
+def encode_prompts(nets, prompts, device):
+    """CLIP embeddings [B, 77, C] of the prompts, warning when a prompt is cut to its first 75 tokens."""
+    for p in prompts:
+        n = nets.tokenizer.count(p)
+        if n > 75:
+            print(f"warning: prompt truncated to 75 CLIP tokens (it has {n}): {p[:60]!r}…", file=sys.stderr)
+    ids = nets.tokenizer(prompts).to(next(nets.text_encoder.parameters()).device)
+    return nets.text_encoder(ids).float().to(device)
+
+
+@torch.no_grad()
+def encode_pixels(nets, pixels, xi):
+    """latent = VAE_SCALE·z, z = mean + exp(logvar/2)·ξ a posterior *sample* (Rombach et al. 2022, §3), in float32
+    whatever the VAE's dtype. Pixel-space models (the demo) take the pixels as they are."""
+    if nets.vae is None:
+        return pixels
+    mean, logvar = nets.vae.encode(pixels)
+    return model.VAE_SCALE * (mean.float() + (0.5 * logvar.float()).exp() * xi)
+
+
+def encode_image(nets, image, generator):
+    """The latent of an image in [−1, 1] for sampling: `encode_pixels` with ξ drawn from the sampling generator, as
+    diffusers' pipelines draw it (retrieve_latents, sample_mode="sample"). Pixel-space models: the image itself."""
+    if nets.vae is None:
+        return image
+    xi = torch.randn((len(image), nets.vae.cfg.z_channels, *(s // 8 for s in image.shape[-2:])), generator=generator)
+    vae_device = next(nets.vae.parameters()).device
+    return encode_pixels(nets, to_net(nets.vae, image), xi.to(vae_device)).to(image.device)
+
+
+def decode_latents(nets, latents):
+    """Latents → uint8 [N, H, W, 3], one image at a time (bounded memory), rounded like diffusers' image processor:
+    round(clamp(x/2 + 1/2, 0, 1)·255)."""
+    images = []
+    for z in latents.split(1):
+        if nets.vae is not None:
+            z = nets.vae.decode(to_net(nets.vae, z / model.VAE_SCALE))
+        images.append(((z.float().cpu() * 0.5 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8))
+    return torch.cat(images).permute(0, 2, 3, 1).contiguous()
+
+
+def save_png(images, out, cols=None):
+    """Write uint8 [N, H, W, 3] images: to `out` itself when it ends in .png and N = 1; otherwise one PNG per image
+    (out/000.png … in a folder, or out-000.png … beside a .png path) plus a grid (out/grid.png or the .png path).
+    Returns the paths written."""
+    arrays = [im.cpu().numpy() for im in images]
+    if out.lower().endswith(".png") and len(arrays) == 1:
+        paths = [out]
+    elif out.lower().endswith(".png"):
+        paths = [f"{out[:-4]}-{i:03d}.png" for i in range(len(arrays))]
+    else:
+        paths = [os.path.join(out, f"{i:03d}.png") for i in range(len(arrays))]
+    os.makedirs(os.path.dirname(paths[0]) or ".", exist_ok=True)
+    for a, path in zip(arrays, paths):
+        Image.fromarray(a).save(path)
+    if len(arrays) > 1:
+        cols = cols or math.ceil(math.sqrt(len(arrays)))
+        rows = math.ceil(len(arrays) / cols)
+        h, w = arrays[0].shape[:2]
+        grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
+        for i, a in enumerate(arrays):
+            grid[i // cols * h:(i // cols + 1) * h, i % cols * w:(i % cols + 1) * w] = a
+        paths.append(out if out.lower().endswith(".png") else os.path.join(out, "grid.png"))
+        Image.fromarray(grid).save(paths[-1])
+    return paths
+
+
+def sample(args):
+    """Sample PNGs from a checkpoint: trailing DDIM (η = 0) with CFG rescale, on the schedule and parameterisation the
+    checkpoint is marked with (or --prediction/--schedule). --seed S draws the initial latent exactly as
+    torch.randn((n, 4, H/8, W/8), generator=torch.Generator("cpu").manual_seed(S)) in float32, then moves it to the
+    device, as diffusers does with generator=torch.Generator("cpu").manual_seed(S): a run reproduces the other's."""
+    if args.mask and not args.image:
+        raise UserError("sample: --mask needs --image, the picture to inpaint")
+    sizes = {name: image_size(path) for name, path in (("--image", args.image), ("--mask", args.mask)) if path}
+    if len(set(sizes.values())) > 1:
+        raise UserError(f"sample: --image is {sizes['--image']} and --mask {sizes['--mask']}: give a mask of the "
+                        "image's size")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype or (
+        "fp16" if device.startswith("cuda") else "fp32")]
+    nets = load_model(args.model, vae_path=args.vae, ema=False if args.raw else None, dtype=dtype, device=device)
+    width, height = args.width, args.height
+    if args.image and not (width and height):
+        w, h = sizes["--image"]
+        width, height = width or w // 64 * 64, height or h // 64 * 64
+    default = 512 if nets.vae is not None else 24         # zd's pixel-space demo trains at ≈24² (16×32, 24×24, 32×16)
+    try:
+        images = generate(nets, [args.prompt] * args.n, negative=args.negative, steps=args.steps, guidance=args.cfg,
+                          rescale=args.rescale, seed=args.seed, width=width or default, height=height or default,
+                          prediction=args.prediction,
+                          zero_terminal_snr=None if args.schedule is None else args.schedule == "zt",
+                          image=args.image, mask=args.mask, strength=args.strength)
+        paths = save_png(images, args.out, cols=min(args.n, 4))
+    except ValueError as e:                                # generate's checks of sizes, model and markers
+        raise UserError(f"sample: {e}") from None
+    except OSError as e:
+        raise UserError(f"sample: cannot write {e.filename or args.out} ({e.strerror}); choose another --out") from None
+    for path in paths:
+        print(f"wrote {path}")
+
+
+def image_size(path):
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (OSError, ValueError) as e:
+        raise UserError(f"sample: cannot read the image {path} ({e}); give a PNG or JPEG file") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -166,9 +1048,9 @@ def golden(seed=0):
     uncond, cond = rand(2, 4, 8, 8), rand(2, 4, 8, 8)
     put("cfg.uncond", uncond, "unconditional model output (v)")
     put("cfg.cond", cond, "conditional model output (v)")
-    put("cfg.out", S.cfg(uncond, cond, 7.5, 0.7), "x_u + 7.5·(x_c − x_u) rescaled with φ = 0.7 (Lin et al. 2023, "
+    put("cfg.out", S.guidance(uncond, cond, 7.5, 0.7), "x_u + 7.5·(x_c − x_u) rescaled with φ = 0.7 (Lin et al. 2023, "
         "Alg. 2): std per sample over C,H,W, unbiased")
-    put("cfg.out_no_rescale", S.cfg(uncond, cond, 7.5), "x_u + 7.5·(x_c − x_u)")
+    put("cfg.out_no_rescale", S.guidance(uncond, cond, 7.5), "x_u + 7.5·(x_c − x_u)")
 
     rows = [(n, i) for n in N_STEPS for i in (0, 1, n - 1)]     # each N's first step (t = 999), second and last
     dn, dt = torch.tensor([n for n, _ in rows]), torch.tensor([S.timesteps(n)[i] for n, i in rows])
@@ -324,7 +1206,7 @@ def load_object(spec):
     """MODULE:OBJECT or path/to/file.py:OBJECT → the object; a class is instantiated with no arguments."""
     mod, _, name = spec.partition(":")
     if not mod or not name:
-        raise SystemExit(f"check: {spec!r} is not MODULE:OBJECT; write e.g. mytrainer:ZdAdapter or file.py:ZdAdapter")
+        raise UserError(f"check: {spec!r} is not MODULE:OBJECT; write e.g. mytrainer:ZdAdapter or file.py:ZdAdapter")
     try:
         if mod.endswith(".py"):
             loc = importlib.util.spec_from_file_location(Path(mod).stem, mod)
@@ -335,12 +1217,12 @@ def load_object(spec):
             m = importlib.import_module(mod)
         obj = functools.reduce(getattr, name.split("."), m)
     except Exception as e:
-        raise SystemExit(f"check: cannot get {name} from {mod} ({type(e).__name__}: {e}); run from the folder that "
+        raise UserError(f"check: cannot get {name} from {mod} ({type(e).__name__}: {e}); run from the folder that "
                          "holds the module, or give its path: path/to/file.py:OBJECT")
     try:
         return obj() if isinstance(obj, type) else obj
     except Exception as e:
-        raise SystemExit(f"check: {name}() raised {type(e).__name__}: {e}; give a class that needs no arguments, or an "
+        raise UserError(f"check: {name}() raised {type(e).__name__}: {e}; give a class that needs no arguments, or an "
                          "instance")
 
 
@@ -405,693 +1287,19 @@ def check_command(args):
         raise SystemExit(1)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# zd.py sample: DDIM (η = 0) on trailing timesteps with CFG rescale — the sampler a zero-terminal-SNR v model needs
-
-def sampling_schedule(meta, prediction=None, zero_terminal_snr=None):
-    """(prediction, zero_terminal_snr) to sample with: the arguments when given, else the checkpoint's markers, else
-    SD1.5's own (ε on the scaled-linear schedule), saying so. ε on the zero-terminal-SNR schedule is refused: its
-    first step would divide by √ᾱ_999 = 0 (SPEC §7.7)."""
-    pred = prediction or meta.get("prediction")
-    zt = zero_terminal_snr if zero_terminal_snr is not None else meta.get("ztsnr")
-    if pred is None or zt is None:                        # unmarked: what SD1.5 itself is
-        pred, zt = pred or "eps", bool(zt)
-        print(f"note: the checkpoint is not fully marked; assuming {'ε' if pred == 'eps' else 'v'} prediction on the "
-              f"{'zero-terminal-SNR' if zt else 'SD1.5'} schedule. Override with --prediction v|eps, "
-              "--schedule zt|sd15.")
-    if pred not in ("v", "eps"):
-        raise ValueError(f"unknown prediction type {pred!r}: use 'v' or 'eps'")
-    if pred == "eps" and zt:
-        raise ValueError("ε-prediction cannot be sampled on the zero-terminal-SNR schedule: x̂0 = (x_t − √(1−ᾱ)·ε)/√ᾱ "
-                         "divides by √ᾱ_999 = 0. A model trained with ZT is a v model (--prediction v); a stock SD1.5 "
-                         "checkpoint is ε on its own schedule (--schedule sd15).")
-    return pred, zt
-
-
-def load_image(image, width, height):
-    """A path, PIL image or tensor → [1, 3, H, W] in [−1, 1]; PIL images resized with Lanczos, as diffusers does."""
-    if isinstance(image, torch.Tensor):
-        return image.reshape(-1, 3, *image.shape[-2:]).float()
-    img = Image.open(image) if isinstance(image, (str, os.PathLike)) else image
-    img = img.convert("RGB")
-    if img.size != (width, height):
-        img = img.resize((width, height), Image.LANCZOS)
-    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None] * 2 - 1
-
-
-def load_mask(mask, width, height):
-    """A path, PIL image or tensor → [1, 1, H, W] of 0/1, 1 = repaint (white), binarised at 0.5 like diffusers."""
-    if isinstance(mask, torch.Tensor):
-        m = mask.reshape(-1, 1, *mask.shape[-2:]).float()
-    else:
-        img = (Image.open(mask) if isinstance(mask, (str, os.PathLike)) else mask).convert("L")
-        if img.size != (width, height):
-            img = img.resize((width, height), Image.LANCZOS)
-        m = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255)[None, None]
-    return (m >= 0.5).float()
-
-
-def on(module, x):
-    """x on a network's device and in its dtype (fp16/bf16 weights); the sampler's own state stays float32."""
-    p = next(module.parameters())
-    return x.to(p.device, p.dtype)
-
-
-def encode_prompts(sd, prompts, device):
-    """CLIP embeddings [B, 77, C] of the prompts, warning when a prompt is cut to its first 75 tokens."""
-    for p in prompts:
-        n = sd.tokenizer.count(p)
-        if n > 75:
-            print(f"warning: prompt truncated to 75 CLIP tokens (it has {n}): {p[:60]!r}…", file=sys.stderr)
-    ids = sd.tokenizer(prompts).to(next(sd.text_encoder.parameters()).device)
-    return sd.text_encoder(ids).float().to(device)
-
-
-@torch.no_grad()
-def encode_pixels(sd, pixels, xi):
-    """latent = VAE_SCALE·z, z = mean + exp(logvar/2)·ξ a posterior *sample* (Rombach et al. 2022, §3; SPEC §3),
-    in float32 whatever the VAE's dtype. Pixel-space models (the demo) take the pixels as they are."""
-    if sd.vae is None:
-        return pixels
-    mean, logvar = sd.vae.encode(pixels)
-    return model.VAE_SCALE * (mean.float() + (0.5 * logvar.float()).exp() * xi)
-
-
-def encode_image(sd, image, generator):
-    """The latent of an image in [−1, 1] for sampling: `encode_pixels` with ξ drawn from the sampling generator, as
-    diffusers' pipelines draw it (retrieve_latents, sample_mode="sample"). Pixel-space models: the image itself."""
-    if sd.vae is None:
-        return image
-    xi = torch.randn((len(image), sd.vae.cfg.z_channels, *(s // 8 for s in image.shape[-2:])), generator=generator)
-    vae_device = next(sd.vae.parameters()).device
-    return encode_pixels(sd, on(sd.vae, image), xi.to(vae_device)).to(image.device)
-
-
-def decode_latents(sd, latents):
-    """Latents → uint8 [N, H, W, 3], one image at a time (bounded memory), rounded like diffusers' image processor:
-    round(clamp(x/2 + 1/2, 0, 1)·255)."""
-    images = []
-    for z in latents.split(1):
-        if sd.vae is not None:
-            z = sd.vae.decode(on(sd.vae, z / model.VAE_SCALE))
-        images.append(((z.float().cpu() * 0.5 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8))
-    return torch.cat(images).permute(0, 2, 3, 1).contiguous()
-
-
-@torch.no_grad()
-def generate(sd, prompts, *, negative="", steps=25, cfg=7.5, rescale=0.7, seed=0, width=512, height=512,
-             prediction=None, zero_terminal_snr=None, image=None, mask=None, strength=None,
-             device=None, dtype=None, progress=True):
-    """Images for a list of prompts (one image each; repeat a prompt for several), uint8 [N, H, W, 3].
-
-    DDIM, η = 0 (Song et al. 2021), on N trailing timesteps starting at t = 999 (Lin et al. 2023, Table 2), with
-    classifier-free guidance `cfg` rescaled by φ = `rescale` (Lin et al. 2023, Alg. 2), on the schedule and
-    parameterisation the checkpoint is marked with (`sampling_schedule`).
-    The initial noise is the first draw of the seed's generator, exactly
-        torch.randn((N, C, H/8, W/8), generator=torch.Generator("cpu").manual_seed(seed))   # float32, then moved
-    (C = 4; pixel-space models: the UNet's output channels at H×W), as diffusers' pipelines draw it with the same
-    generator.
-    `image` (path, PIL or [1, 3, H, W] in [−1, 1]): img2img for a base model, starting `strength` (default 0.8) of the
-    way up the step list as diffusers' img2img does; the inpainting input for a 9-channel model with `mask`
-    (white = repaint; default strength 1.0). Posterior samples of the VAE are drawn from the same generator after
-    the noise, as diffusers' inpainting pipeline does (its img2img pipeline draws the image's sample first, so img2img
-    runs agree with it in the step list and the formula, not in the draw). `sd`'s modules are used on their own
-    device and dtype; `device`/`dtype` move them there first."""
-    pred, zt = sampling_schedule(sd.meta, prediction, zero_terminal_snr)
-    if device is not None or dtype is not None:
-        for m in (sd.unet, sd.vae, sd.text_encoder):
-            if m is not None:
-                m.to(device=device, dtype=dtype)
-    device = next(sd.unet.parameters()).device
-    inpaint = bool(sd.meta.get("inpaint"))
-    f = 1 if sd.vae is None else 8
-    if width % (8 * f) or height % (8 * f):
-        raise ValueError(f"width and height must be multiples of {8 * f} (the UNet halves the latent three times)")
-    if inpaint and (image is None or mask is None):
-        raise ValueError("an inpainting model needs an image and a mask (white = repaint)")
-    if mask is not None and not inpaint:
-        raise ValueError("a mask needs an inpainting (9-channel UNet) model; a base model takes --image alone "
-                         "(img2img)")
-    strength = (1.0 if inpaint else 0.8) if strength is None else strength
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
-    n = len(prompts)
-
-    abar = S.alphas_cumprod(S.betas(zt))                  # float64; ᾱ is looked up per step, never held in fp16
-    ts = S.timesteps(steps, "trailing")
-    if image is not None:                                 # diffusers' img2img/inpaint get_timesteps: skip the first
-        ts = ts[steps - min(int(steps * strength), steps):]   # N − ⌊N·strength⌋ steps of the list
-        if len(ts) == 0:
-            raise ValueError(f"strength {strength} leaves no step of {steps}")
-
-    generator = torch.Generator("cpu").manual_seed(seed)
-    channels = 4 if sd.vae is not None else sd.unet.cfg.out_channels    # pixel space: x_t is the image itself
-    noise = torch.randn((n, channels, height // f, width // f), generator=generator).to(device)
-    guided = cfg > 1                                      # as diffusers: guidance ≤ 1 runs the conditional pass alone
-    context = encode_prompts(sd, (negatives if guided else []) + prompts, device)    # [uncond; cond]
-    x = noise
-    if image is not None:
-        image = load_image(image, width, height).to(device)
-        if inpaint:
-            m = load_mask(mask, width, height).to(device)
-            masked = encode_image(sd, image * (m < 0.5), generator)          # SPEC §3: image·(mask < 0.5)
-            known = torch.cat([F.interpolate(m, size=noise.shape[-2:]), masked], dim=1).expand(n, -1, -1, -1)
-        if not inpaint or strength < 1:
-            # the image noised to the first step's ᾱ, x_t = √ᾱ·x0 + √(1−ᾱ)·ε (Ho et al. 2020, eq. 4); an inpainting
-            # model at strength 1 starts from pure noise, as diffusers' inpainting pipeline does
-            x = S.add_noise(encode_image(sd, image, generator).expand_as(noise), noise, abar[ts[0]])
-
-    start = time.time()
-    for i, t in enumerate(ts.tolist()):
-        x_in = torch.cat([x, known], dim=1) if inpaint else x       # [x_t (4), mask (1), masked latent (4)]
-        x_in = torch.cat([x_in, x_in]) if guided else x_in
-        out = sd.unet(on(sd.unet, x_in), torch.full((len(x_in),), t, device=device), on(sd.unet, context)).float()
-        if guided:
-            out = S.cfg(*out.chunk(2), cfg, rescale)                     # on the raw model output (v or ε)
-        x = S.ddim_step(x, out, abar[t], S.abar_at(abar, S.prev_timestep(ts, i)), pred)
-        if progress:
-            print(f"\rsampling: step {i + 1}/{len(ts)}  t={t:3d}  {time.time() - start:5.1f}s", end="", file=sys.stderr,
-                  flush=True)
-    if progress:
-        print(file=sys.stderr)
-    return decode_latents(sd, x)
-
-
-def save_png(images, out, cols=None):
-    """Write uint8 [N, H, W, 3] images: to `out` itself when it ends in .png and N = 1; otherwise one PNG per image
-    (out/000.png … in a folder, or out-000.png … beside a .png path) plus a grid (out/grid.png or the .png path).
-    Returns the paths written."""
-    arrays = [im.cpu().numpy() for im in images]
-    if out.lower().endswith(".png") and len(arrays) == 1:
-        paths = [out]
-    elif out.lower().endswith(".png"):
-        paths = [f"{out[:-4]}-{i:03d}.png" for i in range(len(arrays))]
-    else:
-        paths = [os.path.join(out, f"{i:03d}.png") for i in range(len(arrays))]
-    os.makedirs(os.path.dirname(paths[0]) or ".", exist_ok=True)
-    for a, path in zip(arrays, paths):
-        Image.fromarray(a).save(path)
-    if len(arrays) > 1:
-        cols = cols or math.ceil(math.sqrt(len(arrays)))
-        rows = math.ceil(len(arrays) / cols)
-        h, w = arrays[0].shape[:2]
-        grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
-        for i, a in enumerate(arrays):
-            grid[i // cols * h:(i // cols + 1) * h, i % cols * w:(i % cols + 1) * w] = a
-        paths.append(out if out.lower().endswith(".png") else os.path.join(out, "grid.png"))
-        Image.fromarray(grid).save(paths[-1])
-    return paths
-
-
-def sample(args):
-    """Sample PNGs from a checkpoint: trailing DDIM (η = 0) with CFG rescale, on the schedule and parameterisation the
-    checkpoint is marked with (or --prediction/--schedule). --seed S draws the initial latent exactly as
-    torch.randn((n, 4, H/8, W/8), generator=torch.Generator("cpu").manual_seed(S)) in float32, then moves it to the
-    device, as diffusers does with generator=torch.Generator("cpu").manual_seed(S): a run reproduces the other's."""
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype or (
-        "fp16" if device.startswith("cuda") else "fp32")]
-    sd = model.load(args.model, vae_path=args.vae, ema=False if args.raw else None, dtype=dtype, device=device)
-    width, height = args.width, args.height
-    if args.image and not (width and height):
-        w, h = Image.open(args.image).size
-        width, height = width or w // 64 * 64, height or h // 64 * 64
-    default = 512 if sd.vae is not None else 24           # zd's pixel-space demo trains at ≈24² (16×32, 24×24, 32×16)
-    images = generate(sd, [args.prompt] * args.n, negative=args.negative, steps=args.steps, cfg=args.cfg,
-                      rescale=args.rescale, seed=args.seed, width=width or default, height=height or default,
-                      prediction=args.prediction,
-                      zero_terminal_snr=None if args.schedule is None else args.schedule == "zt",
-                      image=args.image, mask=args.mask, strength=args.strength)
-    for path in save_png(images, args.out, cols=min(args.n, 4)):
-        print(f"wrote {path}")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# zd.py train: the ZeroDiffusion recipe (SPEC §1) as one flat loop, nanoGPT-style. The math is schedule.py's; this
-# section decides what goes in (frozen CLIP and VAE encodings, per-sample noise) and keeps the optimiser, EMA and files.
-
-# Every train setting, with the recipe's value where SPEC §1 gives one. RECIPE and DEMO fill what differs between a
-# fine-tune of SD1.5 (--model) and the from-scratch demo (no --model).
-TRAIN_DEFAULTS = dict(
-    model=None, vae=None, ema_init=None, data=None, out=None, inpaint=False,
-    prediction="v", schedule="zt", min_snr_gamma=5.0, ip_noise_gamma=0.1, caption_dropout=0.1, ema_decay=None,
-    min_side=1024, bucket_area=None, bucket_min=None, bucket_max=None, bucket_step=None, flip=False,
-    min_aesthetic=None, max_watermark=None, max_unsafe=None, drop_unscored=False,
-    random_crop=False, steps=None, batch_size=None, grad_accum=1, lr=None, lr_schedule="constant", warmup=None,
-    weight_decay=0.01, max_grad_norm=1.0, seed=0, save_every=None, sample_every=None, sample_prompts=None,
-    sample_size=None, log_every=None, resume=False, max_bad_steps=5, text_cache=None, half=False, workers=2,
-    device=None, precision="bf16", grad_checkpointing=False, compile=False)
-# SPEC §1 gives no optimiser numbers: lr 1e-5 with a 500-step warm-up is a common SD1.5 fine-tuning choice, not the
-# model card's; set --lr, --batch-size and --grad-accum for your hardware.
-RECIPE = dict(out="runs/zd", steps=10000, batch_size=4, lr=1e-5, warmup=500, ema_decay=0.9999, log_every=10,
-              save_every=1000, sample_every=500, text_cache=0, sample_size=[512, 512], bucket_area=512 * 512,
-              bucket_min=384, bucket_max=640, bucket_step=64,
-              sample_prompts=["a photograph of an astronaut riding a horse", "a plain black image",
-                              "a plain white image", "a red apple on a wooden table"])
-# The demo trains from scratch: a larger LR, and an EMA whose horizon 1/(1 − d) = 50 steps is short next to the run
-# (at 0.9999 the EMA of a few hundred steps would still be ~98% random init). Its buckets are 16×32, 24×24 and 32×16
-# px, small enough for 400 steps of batch 32 to take 3–5 minutes on two (shared) CPU cores.
-DEMO = dict(data=["demo"], out="runs/demo", steps=400, batch_size=32, lr=1e-3, warmup=20, ema_decay=0.98,
-            log_every=5, save_every=100, sample_every=100, text_cache=1024, sample_size=[24, 24],
-            bucket_area=24 * 24, bucket_min=16, bucket_max=32, bucket_step=8,
-            sample_prompts=["a plain black image", "a plain white image", "a red circle on a black background",
-                            "a blue square on a white background"])
-DEMO_UNET = dict(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(2,), context_dim=64)
-# What a resumed run may change; everything else comes from its train_state.json.
-RESUME_MAY_CHANGE = ("steps", "save_every", "sample_every", "sample_prompts", "sample_size", "log_every", "workers",
-                     "device", "max_bad_steps", "resume", "compile")
-TRAIN_HELP = """Fine-tune Stable Diffusion 1.5 with the ZeroDiffusion recipe (SPEC §1): v-prediction on SD1.5's
-schedule rescaled to zero terminal SNR, min-SNR-γ loss weights, input-perturbation noise, aspect buckets of ≈512²,
-caption dropout to "", a constant EMA initialised from the checkpoint's EMA, CLIP and the VAE frozen; AdamW, warm-up.
-
-    python zd.py train --model v1-5-pruned-emaonly.safetensors --data /data/laion-1024 --out runs/zd
-    torchrun --nproc_per_node 8 zd.py train --model ... --data '/data/shards/*.tar' ...
-
-With no --model it runs the built-in demo on the CPU in minutes: a small UNet trained from scratch in *pixel space*
-(no VAE; 16–32 px procedural images of plain colours and shapes), a tiny frozen random CLIP encoding the captions,
-through the same recipe code. It writes runs/demo/model_ema.safetensors:
-    python zd.py sample --model runs/demo/model_ema.safetensors --prompt "a plain white image"
-`python zd.py demo` trains it again with SD1.5's schedule and ε and compares how black and white each gets."""
-T_BINS = 10  # the loss is also logged per timestep bin of 100 (as minRF does), to see where the model is still wrong
-
-
-def demo_model(seed=0, prediction="v", ztsnr=True, inpaint=False):
-    """A small model from scratch for the demo, in **pixel space**: no VAE, the UNet denoises 3-channel images
-    (7 with inpainting: [x_t, mask, masked image]). A tiny CLIP with random weights, frozen, turns each caption into
-    a distinct embedding; the UNet learns what they mean."""
-    torch.manual_seed(seed)
-    unet = model.UNet(model.UNetConfig(in_channels=7 if inpaint else 3, out_channels=3, **DEMO_UNET))
-    text_encoder = model.CLIPTextModel(model.CLIPConfig.tiny())
-    meta = dict(prediction=prediction, ztsnr=ztsnr, inpaint=inpaint, pixel_space=True, ema=False)
-    return model.SD(unet, None, text_encoder, model.Tokenizer.default(), meta)
-
-
-def get_lr(step, lr, warmup, steps, schedule="constant"):
-    """Linear warm-up over `warmup` steps, then constant, or a cosine to 0 at `steps` (Loshchilov & Hutter 2017)."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    if schedule == "constant":
-        return lr
-    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
-    return lr * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def sample_noise(seed, micro_step, index, shape, inpaint=False):
-    """Per-sample randomness: t ~ U{0..999}, ε, the IP noise ξ and the VAE posterior's noise (a second one for the
-    masked image), from a CPU generator seeded by (seed, micro-step, the sample's global index). A sample gets the same
-    draws whichever rank holds it and whatever batch surrounds it, so results do not depend on the number of ranks."""
-    t, draws = [], []
-    for i in index.tolist():
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, micro_step, i]).generate_state(1)[0]))
-        t.append(torch.randint(0, S.T, (), generator=g))
-        draws.append(torch.randn((4 if inpaint else 3, *shape), generator=g))
-    draws = torch.stack(draws)                                   # [B, 3 or 4, *shape]
-    return torch.stack(t), draws[:, 0], draws[:, 1], draws[:, 2], draws[:, 3] if inpaint else None
-
-
-def recipe_inputs(x0, noise, ip_noise, t, abar, snr, prediction="v", min_snr_gamma=5.0, ip_noise_gamma=0.1):
-    """The UNet input, target and loss weight of the recipe for clean latents x0 at timesteps t [B]:
-    x_t with IP noise on the input alone (Ning et al. 2023, eq. 9), the target from the clean ε (SPEC §7.4), and
-    min-SNR-γ weights from the SNR of the schedule trained on, rescaled for ZT (Hang et al. 2023; SPEC §7.1); γ = 0
-    weighs every sample 1. `zd.py bench` times the same step."""
-    x_t = S.add_noise(x0, noise, abar[t], ip_noise, ip_noise_gamma)
-    target = S.target(x0, noise, abar[t], prediction)
-    weight = S.min_snr_weight(snr[t], min_snr_gamma, prediction) if min_snr_gamma else torch.ones_like(snr[t])
-    return x_t, target, weight.float()
-
-
-def to_device(x, device):
-    """A CPU tensor on the device without a host sync: a copy from pageable memory waits for the GPU, one from pinned
-    memory does not."""
-    if device.type == "cuda" and not x.is_pinned():
-        x = x.pin_memory()
-    return x.to(device, non_blocking=True)
-
-
-@torch.no_grad()
-def encode_captions(sd, captions, cache, limit):
-    """CLIP embeddings [B, 77, C] from the frozen text encoder (fp32); dropped captions are "" and encoded too. With a
-    cache (limit > 0) each new caption is encoded alone and kept, so an embedding never depends on the batch it first
-    appeared in (which keeps resumed runs bit-identical)."""
-    device = next(sd.text_encoder.parameters()).device
-    if not limit:
-        return sd.text_encoder(to_device(sd.tokenizer(captions), device))
-    rows = []
-    for c in captions:
-        e = cache.get(c)
-        if e is None:
-            e = sd.text_encoder(to_device(sd.tokenizer([c]), device))[0]
-            if len(cache) < limit:
-                cache[c] = e
-        rows.append(e)
-    return torch.stack(rows)
-
-
-def init_distributed(device=None):
-    """(rank, world size, device) from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); under torchrun a process
-    group is set up, NCCL on GPUs and gloo on CPUs, even for one process. A plain `python zd.py train` is rank 0 of 1
-    without one."""
-    world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
-    device = torch.device(device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local) if device.index is None else device     # --device cuda: the rank's GPU
-        torch.cuda.set_device(device)
-    if "RANK" in os.environ and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-def save_state(out, step, position, unet, ema, opt, counters, args):
-    """What a resume needs, as safetensors (tensors) + JSON (step, data position, counters, the run's settings); never
-    pickle. Optimiser state is flattened by parameter index: opt.{i}.exp_avg, opt.{i}.exp_avg_sq, opt.{i}.step.
-    There is no generator state to keep: every draw of the loop comes from generators seeded by (seed, step, sample
-    index) (sample_noise here, data.sample_rng for dropout, crops and masks): step and position are the whole of it."""
-    tensors = {f"unet.{k}": v for k, v in unet.state_dict().items()}
-    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
-    for i, s in opt.state_dict()["state"].items():
-        tensors.update({f"opt.{i}.{k}": torch.as_tensor(v) for k, v in s.items()})
-    settings = {k: v for k, v in vars(args).items() if k in TRAIN_DEFAULTS}
-    model.atomic_write(Path(out, "train_state.safetensors"),
-                 lambda p: save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, p,
-                                     metadata={"step": str(step)}))
-    meta = dict(step=step, position=position, counters=counters, args=settings)
-    model.atomic_write(Path(out, "train_state.json"), lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
-
-
-def load_state(out, unet, ema, opt):
-    """Restore what save_state wrote into the UNet, EMA and optimiser; returns the JSON part."""
-    meta = json.loads(open(os.path.join(out, "train_state.json")).read())
-    path = os.path.join(out, "train_state.safetensors")
-    with safe_open(path, "pt") as f:
-        if f.metadata()["step"] != str(meta["step"]):
-            raise RuntimeError(f"{path} is from step {f.metadata()['step']} but train_state.json from {meta['step']}: "
-                               "the run stopped while saving")
-    tensors = load_file(path)
-    unet.load_state_dict({k[len("unet."):]: v for k, v in tensors.items() if k.startswith("unet.")})
-    ema.load_state_dict({k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")})
-    opt_state = opt.state_dict()
-    opt_state["state"] = {}
-    for k, v in tensors.items():
-        if k.startswith("opt."):
-            _, i, name = k.split(".")
-            opt_state["state"].setdefault(int(i), {})[name] = v
-    opt.load_state_dict(opt_state)
-    for p, s in opt.state.items():   # moments in the parameter's memory format (channels-last on GPUs): fused AdamW
-        for k in ("exp_avg", "exp_avg_sq"):     # needs the same strides, and the file holds them contiguous
-            s[k] = torch.empty_like(p).copy_(s[k])
-    return meta
-
-
-def save_models(out, step, unet, ema, sd, args):
-    """model.safetensors (the trained weights) and model_ema.safetensors: single files marked with the prediction type
-    and schedule, with sidecar yamls (model.save), as SD1.5 tools load them."""
-    for name, net in (("model", unet), ("model_ema", ema)):
-        model.save(os.path.join(out, f"{name}.safetensors"), net, sd.text_encoder, sd.vae, half=args.half,
-                   prediction=args.prediction, ztsnr=args.schedule == "zt",
-                   extra_metadata={"zd.train.step": str(step), "zd.train.weights": "ema" if net is ema else "raw"})
-
-
-def sample_grid(out, step, ema, sd, args):
-    """EMA samples of the fixed prompts, four seeds each (out/samples/step_NNNNNN/grid.png, one row per prompt)."""
-    w, h = args.sample_size
-    ema_sd = model.SD(ema, sd.vae, sd.text_encoder, sd.tokenizer,
-                      dict(sd.meta, prediction=args.prediction, ztsnr=args.schedule == "zt"))
-    images = generate(ema_sd, [p for p in args.sample_prompts for _ in range(4)], steps=25, seed=0, width=w,
-                      height=h, progress=False)
-    save_png(images, os.path.join(out, "samples", f"step_{step:06d}"), cols=4)
-
-
-def resolve_args(args):
-    """Fill the unset settings: with --resume from the run's train_state.json, then the recipe's with --model or the
-    demo's without. Any object with some of TRAIN_DEFAULTS' names as attributes will do (a notebook's Namespace)."""
-    for k, v in TRAIN_DEFAULTS.items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
-    if args.resume:
-        out = args.out or (RECIPE if args.model else DEMO)["out"]
-        saved = json.loads(open(os.path.join(out, "train_state.json")).read())["args"]
-        ignored = {k: getattr(args, k) for k, v in saved.items() if k not in RESUME_MAY_CHANGE
-                   and getattr(args, k) not in (None, TRAIN_DEFAULTS[k], v)}
-        if ignored:
-            print(f"train: --resume continues the run's own settings; ignoring {ignored}")
-        for k, v in saved.items():
-            if k not in RESUME_MAY_CHANGE or getattr(args, k) is None:
-                setattr(args, k, v)
-    for k, v in (RECIPE if args.model else DEMO).items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    if not args.data:
-        raise SystemExit("train: --model needs --data (an image folder or tar shards; repeatable)")
-    return args
-
-
-def train(args):
-    """Fine-tune SD1.5's UNet with the ZeroDiffusion recipe (SPEC §1): v-prediction on the zero-terminal-SNR schedule,
-    min-SNR-γ weights, IP noise, caption dropout, AdamW, EMA, with CLIP and the VAE frozen. Without --model: the demo,
-    a small pixel-space model from scratch on procedural images. Returns the trained UNet and its EMA."""
-    args = resolve_args(args)
-    rank, world, device = init_distributed(args.device)
-    ddp = torch.distributed.is_initialized()
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # the frozen fp32 VAE/CLIP
-    os.makedirs(args.out, exist_ok=True)
-    log = print if rank == 0 else (lambda *a, **k: None)
-
-    # ---- networks: the UNet trains, CLIP and the VAE are frozen; UNet and EMA start from the same (EMA) weights
-    if args.model:
-        sd = model.load(args.model, vae_path=args.vae)
-        if args.ema_init:
-            init = model.load(args.ema_init)
-            sd.unet.load_state_dict(init.unet.state_dict())
-            sd.meta["ema"] = init.meta["ema"]
-        source = {"ema": "model_ema.* weights", None: "weights (an EMA-only file holds the EMA)"}[sd.meta.get("ema")]
-        log(f"train: UNet and EMA start from {args.ema_init or args.model}'s {source}")
-        if sd.meta.get("inpaint") and not args.inpaint:
-            log("train: the checkpoint is a 9-channel inpainting UNet: training it as one (--inpaint)")
-            args.inpaint = True
-        if args.inpaint and sd.unet.cfg.in_channels == 4:
-            sd.unet = model.expand_to_inpaint(sd.unet)
-    else:
-        sd = demo_model(args.seed, args.prediction, args.schedule == "zt", args.inpaint)
-        log("train: demo — a small pixel-space UNet (no VAE) trained from scratch on procedural images; a tiny "
-            "frozen CLIP with random weights encodes the captions")
-    unet = sd.unet.to(device).train().requires_grad_(True)
-    unet.gradient_checkpointing = args.grad_checkpointing
-    for frozen in (sd.text_encoder, sd.vae):
-        if frozen is not None:
-            frozen.to(device).eval().requires_grad_(False)
-    if cuda:
-        unet.to(memory_format=torch.channels_last)
-    ema = copy.deepcopy(unet).eval()
-    net = unet
-    if ddp:  # gradients averaged over ranks in backward (DDP); `unet` stays the module we step, save and EMA
-        net = torch.nn.parallel.DistributedDataParallel(unet, device_ids=[device.index] if cuda else None)
-    if args.compile:
-        net = torch.compile(net)
-    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
-
-    # ---- fresh, or the saved run's weights, EMA, optimiser, step and data position
-    step, position, counters = 0, -1, dict(skipped=0)
-    if args.resume:
-        state = load_state(args.out, unet, ema, opt)
-        step, position, counters = state["step"], state["position"], state["counters"]
-        log(f"train: resumed {args.out} at step {step}, data position {position + 1}")
-    elif rank == 0 and os.path.exists(os.path.join(args.out, "train_state.json")):
-        log(f"train: {args.out} holds an earlier run: starting over (--resume continues it)")
-        Path(args.out, "metrics.jsonl").unlink(missing_ok=True)
-
-    abar = S.alphas_cumprod(S.betas(args.schedule == "zt")).to(device)   # float64, never fp16 (SPEC §7.8)
-    snr = S.snr(abar)                                                    # of the *rescaled* schedule (SPEC §7.1)
-    loader = data.Loader(args.data, args.batch_size, seed=args.seed, rank=rank, world_size=world,
-                         workers=args.workers, min_side=args.min_side, bucket_area=args.bucket_area,
-                         min_aesthetic=args.min_aesthetic, max_watermark=args.max_watermark,
-                         max_unsafe=args.max_unsafe, drop_unscored=args.drop_unscored,
-                         bucket_min=args.bucket_min, bucket_max=args.bucket_max, bucket_step=args.bucket_step,
-                         caption_dropout=args.caption_dropout, flip=args.flip, random_crop=args.random_crop,
-                         inpaint=args.inpaint, pin_memory=cuda)
-    batches = loader.batches(start=position + 1)
-    text_cache = {}
-    global_batch = args.batch_size * world * args.grad_accum
-    log(f"train: {sum(p.numel() for p in unet.parameters()):,} UNet parameters; {world} rank(s) on {device}"
-        f"{f' (DDP, {torch.distributed.get_backend()})' if ddp else ''}; global "
-        f"batch {global_batch} = {args.batch_size} per rank × {world} × {args.grad_accum} accumulated")
-    log(f"train: {args.prediction}-prediction, {args.schedule} schedule, min-SNR γ {args.min_snr_gamma:g}, "
-        f"IP noise γ {args.ip_noise_gamma:g}, caption dropout {args.caption_dropout:g}, EMA {args.ema_decay:g}, "
-        f"lr {args.lr:g} ({args.warmup} warm-up steps, then {args.lr_schedule}), {args.steps} steps → {args.out}")
-
-    # SIGINT/SIGTERM ask the loop to stop after the current step and save. With several ranks they must agree on that
-    # step, which costs a sync: they agree at log steps.
-    stop = []
-    handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=cuda and args.precision == "bf16")
-    # Statistics stay on the device between log steps and are read with one sync there: loss sum, grad-norm sum, good
-    # steps, skipped steps, the longest run of skipped steps, the current run; then per-timestep-bin loss sums, counts.
-    stats = torch.zeros(6 + 2 * T_BINS, device=device, dtype=torch.float64)
-    t0, last_step = time.time(), step
-    try:
-        while step < args.steps:
-            lr = get_lr(step, args.lr, args.warmup, args.steps, args.lr_schedule)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            loss_sum, per_t = torch.zeros((), device=device), []
-            for micro in range(args.grad_accum):
-                batch = next(batches)
-                position = batch["position"]
-                pixels = to_device(batch["pixels"], device)
-                H, W = pixels.shape[-2:]
-                shape = (3, H, W) if sd.vae is None else (4, H // 8, W // 8)
-                t, noise, ip_noise, xi, xi_masked = (None if a is None else to_device(a, device) for a in
-                                                     sample_noise(args.seed, step * args.grad_accum + micro,
-                                                                  batch["index"], shape, args.inpaint))
-                x0 = encode_pixels(sd, pixels, xi)
-                context = encode_captions(sd, batch["captions"], text_cache, args.text_cache)
-                x_t, target, weight = recipe_inputs(x0, noise, ip_noise, t, abar, snr, args.prediction,
-                                                    args.min_snr_gamma, args.ip_noise_gamma)
-                if args.inpaint:  # [x_t, mask, masked-image latent] (SPEC §3), the mask nearest-downsampled
-                    mask = F.interpolate(to_device(batch["mask"], device), size=x_t.shape[-2:], mode="nearest")
-                    masked = encode_pixels(sd, to_device(batch["masked_pixels"], device), xi_masked)
-                    x_t = torch.cat([x_t, mask, masked], dim=1)
-                if cuda:
-                    x_t = x_t.contiguous(memory_format=torch.channels_last)
-                sync_grads = micro == args.grad_accum - 1 or not ddp
-                with autocast, (contextlib.nullcontext() if sync_grads else net.no_sync()):
-                    loss, per_sample = S.weighted_mse(net(x_t, t, context), target, weight)   # in fp32
-                    (loss / args.grad_accum).backward()
-                loss_sum += loss.detach() / args.grad_accum
-                per_t.append((t, per_sample))
-            norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
-            # A non-finite loss or gradient skips the step without a host sync: fused AdamW leaves weights, moments and
-            # its step count alone where found_inf = 1 (GradScaler's mechanism). The EMA still takes its step, toward
-            # the unchanged weights, as it does when GradScaler skips a step in diffusers' trainers.
-            bad = ~(torch.isfinite(loss_sum) & torch.isfinite(norm))
-            opt.found_inf = bad.float()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            S.ema_update(ema.parameters(), unet.parameters(), args.ema_decay)
-            step += 1
-
-            run = (stats[5] + 1) * bad
-            stats[0] += torch.where(bad, 0.0, loss_sum.double())
-            stats[1] += torch.where(bad, 0.0, norm.double())
-            stats[2] += ~bad
-            stats[3] += bad
-            stats[4], stats[5] = torch.maximum(stats[4], run), run
-            for t, per_sample in per_t:
-                bins = 6 + t * T_BINS // S.T
-                stats.index_add_(0, bins, torch.where(bad, 0.0, per_sample.double()))
-                stats.index_add_(0, bins + T_BINS, (~bad).double().expand(len(t)))
-
-            log_now = step % args.log_every == 0 or step == args.steps
-            if log_now:
-                s = stats.clone()
-                if ddp:
-                    torch.distributed.all_reduce(s)
-                    s[:6] /= world       # the same on every rank but the loss, whose rank mean is the global mean
-                s = s.tolist()
-                counters["skipped"] += int(s[3])
-                dt, n, w = time.time() - t0, step - last_step, S.T // T_BINS
-                metrics = dict(step=step, loss=s[0] / max(s[2], 1), lr=lr, grad_norm=s[1] / max(s[2], 1),
-                               skipped=counters["skipped"], it_s=n / dt, samples_s=n * global_batch / dt,
-                               loss_by_t={f"{w * b}-{w * (b + 1) - 1}": s[6 + b] / s[6 + T_BINS + b]
-                                          for b in range(T_BINS) if s[6 + T_BINS + b]})
-                if cuda:
-                    metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-                eta = int((args.steps - step) / max(metrics["it_s"], 1e-9))
-                if rank == 0:
-                    with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-                        f.write(json.dumps(metrics) + "\n")
-                    print(f"\rstep {step}/{args.steps}  loss {metrics['loss']:.4f}  lr {lr:.2e}  {metrics['it_s']:.2f} "
-                          f"it/s  {metrics['samples_s']:.1f} samples/s  ETA {eta // 60}:{eta % 60:02d}"
-                          + (f"  GPU peak {metrics['gpu_mem_gb']:.1f} GB" if cuda else "")
-                          + (f"  skipped {counters['skipped']}" if counters["skipped"] else "") + " ", end="",
-                          flush=True)
-                if s[4] >= args.max_bad_steps:
-                    if rank == 0:
-                        save_models(args.out, step, unet, ema, sd, args)
-                        save_state(args.out, step, position, unet, ema, opt, counters, args)
-                    raise SystemExit(f"\ntrain: stopped at step {step}: {int(s[4])} steps in a row had a non-finite "
-                                     f"loss or gradient and were skipped ({counters['skipped']} in all). The weights "
-                                     f"from before them are saved in {args.out}; lower --lr or check the data, then "
-                                     "--resume.")
-                stats[:5] = 0
-                stats[6:] = 0
-                t0, last_step = time.time(), step
-                if ddp:
-                    flag = torch.tensor(float(bool(stop)), device=device)
-                    torch.distributed.all_reduce(flag)
-                    stop[:] = [signal.SIGTERM] if flag.item() else []
-            if stop and (not ddp or log_now):
-                log(f"\ntrain: {signal.Signals(stop[0]).name} at step {step}: saving and stopping")
-                break
-            if rank == 0 and step % args.save_every == 0 and step < args.steps:
-                save_models(args.out, step, unet, ema, sd, args)
-                save_state(args.out, step, position, unet, ema, opt, counters, args)
-            if rank == 0 and args.sample_every and not args.inpaint and (step % args.sample_every == 0
-                                                                         or step == args.steps):
-                sample_grid(args.out, step, ema, sd, args)
-        if rank == 0:
-            save_models(args.out, step, unet, ema, sd, args)
-            save_state(args.out, step, position, unet, ema, opt, counters, args)
-            log(f"\ntrain: step {step}: wrote {args.out}/model.safetensors, model_ema.safetensors and train_state.*")
-    finally:
-        for sig, h in handlers.items():
-            signal.signal(sig, h)
-        if ddp:
-            torch.distributed.destroy_process_group()
-    return unet, ema
-
-
-def survey(args):
-    """`zd.py data`: the data side of `zd.py train` without a model (data.Loader.survey): what is found, kept and
-    dropped by reason, images per bucket, batches per epoch, caption statistics, scan speed; a contact sheet per
-    bucket in --sheet, of training crops with their captions."""
-    if min(args.batch_size, args.world_size, args.per_bucket) < 1 or args.workers < 0:
-        raise SystemExit("data: --batch-size, --world-size and --per-bucket must be ≥ 1, --workers ≥ 0")
-    tokenizer = model.Tokenizer.default()
-    settings = ("seed", "world_size", "workers", "min_side", "min_aesthetic", "max_watermark", "max_unsafe",
-                "drop_unscored", "bucket_area", "bucket_min", "bucket_max", "bucket_step", "caption_dropout", "flip",
-                "random_crop")
-    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():  # keep stdout JSON
-        try:
-            loader = data.Loader(args.data, args.batch_size, **{k: getattr(args, k) for k in settings})
-            report = loader.survey(args.sheet, args.per_bucket, lambda texts: map(len, tokenizer.tokens(texts)))
-        except (FileNotFoundError, ValueError) as e:  # the Loader's errors name the setting to change
-            raise SystemExit(f"data: {e}")
-    if args.json:
-        print(json.dumps(report, indent=1))
-    return report
-
-
-def demo(args):
-    """Train the demo twice, with the recipe (zero-terminal-SNR schedule, v-prediction) and with SD1.5's (scaled-linear
-    schedule, ε-prediction), then sample "a plain black image" and "a plain white image" from each EMA model with the
-    same sampler and seeds and print their mean pixel value (0–255). SD1.5's schedule leaves √ᾱ_999 = 0.068 of the
-    image in its noisiest input, so a model trained on it learns that the mean brightness survives in the noise, and
-    pure noise (mean 0) at sampling pulls it to mid-grey (Lin et al. 2023, §3.1)."""
-    prompts = ("a plain black image", "a plain white image")
-    rows = []
-    for name, schedule, prediction in (("demo", "zt", "v"), ("demo-sd15-eps", "sd15", "eps")):
-        out = os.path.join(args.out, name)
-        if not args.no_train:
-            train(parser().parse_args(["train", "--out", out, "--schedule", schedule, "--prediction", prediction,
-                                       "--steps", str(args.steps), "--seed", str(args.seed)]))
-        sd = model.load(os.path.join(out, "model_ema.safetensors"))
-        means = [generate(sd, [p] * args.n, steps=25, seed=args.seed, width=24, height=24, prediction=prediction,
-                          zero_terminal_snr=schedule == "zt", progress=False).float().mean().item() for p in prompts]
-        label = "zero terminal SNR" if schedule == "zt" else "SD1.5"
-        rows.append((f"{label} schedule, {prediction}-prediction", means))
-    print(f"\nmean pixel value (0–255) of {args.n} EMA samples each, 25 trailing DDIM steps, CFG 7.5, rescale 0.7:")
-    print(f"{'':40s}" + "".join(f"{repr(p):>24s}" for p in prompts))
-    print(f"{'training images':40s}{0:24.1f}{255:24.1f}")
-    for label, means in rows:
-        print(f"{label:40s}" + "".join(f"{m:24.1f}" for m in means))
-    return rows
+# 
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # zd.py convert / merge / inspect: checkpoints between layouts, the add-difference merge, and what a file is
+
+def load_model(path, command="zd.py", **kw):
+    """model.load, with its refusals (no such file, not safetensors, a pickled .ckpt, missing keys) as one line."""
+    try:
+        return model.load(path, **kw)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{command}: {e}") from None
+
 
 def markers_for(args, meta):
     """The prediction/ZTSNR markers to write: flags win, else what the input declared, else SD1.5's (ε, no ZT)."""
@@ -1100,16 +1308,29 @@ def markers_for(args, meta):
     return prediction, ztsnr
 
 
+def output_file(command, path):
+    """Check before any loading that the output's folder exists: a run should not fail after minutes of work."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"{command}: the folder {folder} of {path} does not exist; create it or choose another output")
+    return path
+
+
 def convert(args):
     """Any SD1.5-family checkpoint (single file or diffusers folder) → an LDM single file SD front-ends load."""
-    sd = model.load(args.input, vae_path=args.vae, ema=args.ema)
-    unet = sd.unet
+    output_file("convert", args.output)
+    if args.ema and not load_model(args.input, "convert", device="meta", verbose=False).meta["ema_present"]:
+        raise UserError(f"convert: {args.input} has no model_ema.* weights: an -emaonly file's UNet is its EMA "
+                        "already; convert it without --ema")
+    nets = load_model(args.input, "convert", vae_path=args.vae, ema=args.ema)
+    unet = nets.unet
     if args.inpaint:
         if unet.cfg.in_channels != 4:
-            raise SystemExit(f"--inpaint needs a 4-channel UNet, {args.input} has {unet.cfg.in_channels}")
+            raise UserError(f"convert: --inpaint needs a 4-channel UNet, {args.input} has {unet.cfg.in_channels}")
         unet = model.expand_to_inpaint(unet)
-    prediction, ztsnr = markers_for(args, sd.meta)
-    model.save(args.output, unet, sd.text_encoder, sd.vae, half=args.half, prediction=prediction, ztsnr=ztsnr)
+    prediction, ztsnr = markers_for(args, nets.meta)
+    write_file(args.output, lambda path: model.save(path, unet, nets.text_encoder, nets.vae, half=args.half,
+                                                    prediction=prediction, ztsnr=ztsnr))
     print(f"wrote {args.output} ({'fp16' if args.half else 'fp32'}, {unet.cfg.in_channels}-channel UNet, "
           f"prediction {prediction}, ztsnr {ztsnr})")
 
@@ -1117,24 +1338,26 @@ def convert(args):
 def merge(args):
     """Add difference: A + α·(B − C) on every tensor, e.g. inpaint + (tuned − base) to start a ZD inpainting model
     from a base finetune. Takes the markers of B (the finetune) unless flags say otherwise. Holds three models."""
-    a, b, c = (model.load(p) for p in (args.a, args.b, args.c))
+    output_file("merge", args.output)
+    a, b, c = (load_model(p, "merge") for p in (args.a, args.b, args.c))
     for name in ("unet", "vae", "text_encoder"):
         if getattr(a, name) is not None:
-            nets = [getattr(m, name).state_dict() for m in (a, b, c)]
-            getattr(a, name).load_state_dict(model.add_difference(*nets, alpha=args.alpha))
+            weights = [getattr(m, name).state_dict() for m in (a, b, c)]
+            try:
+                getattr(a, name).load_state_dict(model.add_difference(*weights, alpha=args.alpha))
+            except ValueError as e:
+                raise UserError(f"merge: {e}; A, B and C must be SD1.5-family models of the same sizes") from None
     prediction, ztsnr = markers_for(args, b.meta)
-    model.save(args.output, a.unet, a.text_encoder, a.vae, half=args.half, prediction=prediction, ztsnr=ztsnr,
-               extra_metadata={"zd.merge": f"{args.a} + {args.alpha} * ({args.b} - {args.c})"})
+    write_file(args.output, lambda path: model.save(
+        path, a.unet, a.text_encoder, a.vae, half=args.half, prediction=prediction, ztsnr=ztsnr,
+        extra_metadata={"zd.merge": f"{args.a} + {args.alpha} * ({args.b} - {args.c})"}))
     print(f"wrote {args.output}: A + {args.alpha}·(B − C), prediction {prediction}, ztsnr {ztsnr}")
 
 
-def inspect(args):
+def inspect_checkpoint(args):
     """What a checkpoint is, from its header alone: layout, variant, EMA, markers, dtypes, sizes, ignored keys."""
-    try:
-        sd = model.load(args.path, device="meta", verbose=False)
-    except ValueError as e:
-        raise SystemExit(f"{args.path}: not an SD1.5-family checkpoint zd can load: {e}")
-    m = sd.meta
+    nets = load_model(args.path, "inspect", device="meta", verbose=False)
+    m = nets.meta
     unmarked = " (unmarked: SD front-ends will sample it as ε-prediction)" if m["prediction"] is None else ""
     row = lambda label, text: print(f"  {label:<13}{text}")
     print(args.path)
@@ -1144,13 +1367,61 @@ def inspect(args):
     row("markers", f"prediction {m['prediction']}, ztsnr {m['ztsnr']}{unmarked}")
     row("dtypes", ", ".join(m["dtypes"]))
     for name in ("unet", "vae", "text_encoder"):
-        net = getattr(sd, name)
+        net = getattr(nets, name)
         if net is not None:
             params = sum(p.numel() for p in net.parameters())
             row(name, f"{m['counts'][name]} tensors, {params:,} parameters, {net.cfg}")
     row("ignored", f"{len(m['ignored'])} keys" + (": " + model.listing(m["ignored"]) if m["ignored"] else ""))
     for k, v in sorted(m["metadata"].items()):
         row("metadata", f"{k} = {v if len(v) <= 100 else v[:100] + '…'}")
+
+
+def survey(args):
+    """`zd.py data`: the data side of `zd.py train` without a model (data.Loader.survey): what is found, kept and
+    dropped by reason, images per bucket, batches per epoch, caption statistics, scan speed; a contact sheet per
+    bucket in --sheet, of training crops with their captions."""
+    tokenizer = model.Tokenizer.default()
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():  # keep stdout JSON
+        try:
+            loader = data.Loader(args.data, args.batch_size, world_size=args.world_size,
+                                 **{k: getattr(args, k) for k in LOADER_SETTINGS})
+            report = loader.survey(args.sheet, args.per_bucket, lambda texts: map(len, tokenizer.tokens(texts)))
+        except (FileNotFoundError, ValueError) as e:  # the Loader's errors name the setting to change
+            raise UserError(f"data: {e}") from None
+    if args.json:
+        print(json.dumps(report, indent=1))
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The command line
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a mistake in the flags said on one line (the usage is one --help away)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def add_settings(p):
+    """One flag per Settings field, in its group; each defaults to None (not given), and its help shows the recipe's
+    default and the demo's."""
+    groups = {"model": "model and data", "prediction": "the recipe (ZeroDiffusion model card)",
+              "steps": "optimisation", "resume": "run", "device": "hardware"}
+    show = lambda v: " | ".join(map(str, v)) if isinstance(v, tuple) else "off" if v is False else v
+    group = p
+    for f in dataclasses.fields(Settings):
+        group = p.add_argument_group(groups[f.name]) if f.name in groups else group
+        kw = dict(f.metadata)
+        flag = kw.pop("flag", "--" + f.name.replace("_", "-"))
+        if isinstance(f.default, bool):
+            kw["action"] = "store_true"
+        elif "action" not in kw:
+            kw.setdefault("type", str if f.default is None else type(f.default))
+        default = f" (default {show(f.default)}{f'; demo {show(DEMO[f.name])}' if f.name in DEMO else ''})"
+        kw["help"] = (kw["help"] + (default if f.default not in (None, ()) or f.name in DEMO else "")).replace("%", "%%")
+        group.add_argument(flag, dest=f.name, default=None, **kw)
+
 
 def add_marker_flags(s):
     s.add_argument("--prediction", choices=["v", "eps"], help="mark the output as this (default: from the input)")
@@ -1159,129 +1430,55 @@ def add_marker_flags(s):
     s.add_argument("--half", action="store_true", help="store fp16 tensors")
 
 
-def probability(text):
-    """argparse type of a probability flag."""
-    if not 0 <= float(text) <= 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a probability in [0, 1]")
-    return float(text)
-
-
-def add_filter_flags(g):
-    """The score filters of `train` and `data` (data.py's docstring)."""
-    off = "default: off, as in the recipe, whose data (LAION Aesthetics v2 5+) was selected by aesthetic ≥ 5"
-    g.add_argument("--min-aesthetic", type=float, metavar="X", help="keep samples whose json AESTHETIC_SCORE or "
-                   f"aesthetic (any case) is ≥ X ({off})")
-    g.add_argument("--max-watermark", type=probability, metavar="P", help="keep samples whose json pwatermark is ≤ P "
-                   "(default: off; the recipe did not filter watermarks)")
-    g.add_argument("--max-unsafe", type=probability, metavar="P", help="keep samples whose json punsafe is ≤ P "
-                   "(default: off; the recipe did not filter unsafe images)")
-    g.add_argument("--drop-unscored", action="store_true", default=None, help="drop samples that lack a score an "
-                   "active filter reads (default: kept and counted as unscored)")
-
-
 def add_data_command(sub):
     """The `data` subcommand: train's data settings, and what to print and draw."""
     s = sub.add_parser("data", help="see and filter the training data before training: counts, buckets, captions, "
                        "contact sheets of the crops", description=survey.__doc__)
     s.add_argument("--data", action="append", required=True, metavar="SRC", help="as train's; repeatable")
-    s.add_argument("--min-side", type=int, default=TRAIN_DEFAULTS["min_side"], help="as train's (default 1024)")
-    add_filter_flags(s)
-    for name in ("bucket_area", "bucket_min", "bucket_max", "bucket_step", "batch_size"):
-        s.add_argument("--" + name.replace("_", "-"), type=int, default=RECIPE[name],
-                       help=f"as train's (default {RECIPE[name]})")
-    s.add_argument("--world-size", type=int, default=1, help="GPUs of the run, for its global batch (default 1)")
-    s.add_argument("--caption-dropout", type=float, default=TRAIN_DEFAULTS["caption_dropout"], help="(default 0.1)")
-    s.add_argument("--seed", type=int, default=0, help="of the random crops and the sheets' draw (default 0)")
-    for flag in ("--flip", "--random-crop"):
-        s.add_argument(flag, action="store_true", help="as train's: the sheets show the crops of epoch 0")
-    s.add_argument("--workers", type=int, default=TRAIN_DEFAULTS["workers"], help="scan processes (default 2)")
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    for name in LOADER_SETTINGS + ("batch_size",):
+        f = fields[name]
+        kw = {"action": "store_true"} if isinstance(f.default, bool) else {
+            "type": f.metadata.get("type", float if f.default is None else type(f.default))}
+        s.add_argument("--" + name.replace("_", "-"), default=f.default, help=f"as train's (default {f.default})",
+                       **kw)
+    s.add_argument("--world-size", type=at_least(1), default=1, help="GPUs of the run, for its global batch (default 1)")
     s.add_argument("--sheet", default="data_preview", metavar="DIR", help="contact sheets' folder ('' for none)")
-    s.add_argument("--per-bucket", type=int, default=16, help="images per contact sheet (default 16)")
+    s.add_argument("--per-bucket", type=at_least(1), default=16, help="images per contact sheet (default 16)")
     s.add_argument("--json", action="store_true", help="print the report as JSON (the log goes to stderr)")
     s.set_defaults(func=survey)
 
 
+TRAIN_HELP = """Fine-tune Stable Diffusion 1.5 with the ZeroDiffusion recipe: v-prediction on SD1.5's schedule rescaled to
+zero terminal SNR, min-SNR-γ loss weights, input-perturbation noise, aspect buckets of ≈512², caption dropout to "",
+a constant EMA initialised from the checkpoint's EMA, CLIP and the VAE frozen; AdamW, warm-up.
+
+    python zd.py train --model v1-5-pruned-emaonly.safetensors --data /data/laion-1024 --out runs/zd
+    torchrun --nproc_per_node 8 zd.py train --model ... --data '/data/shards/*.tar' ...
+
+With no --model it runs the built-in demo on the CPU in minutes: a small UNet trained from scratch in pixel space on
+procedural images of plain colours and shapes, a tiny frozen random CLIP encoding the captions, through the same recipe
+code. Ctrl-C or SIGTERM saves the last step and stops; --resume continues."""
+
+
 def parser():
     """The command line: one subparser per subcommand, each calling a plain function of the parsed arguments."""
-    p = argparse.ArgumentParser(prog="zd.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="zd.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show the traceback of a refused input (for bug reports)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("train", help="fine-tune SD1.5 with the ZeroDiffusion recipe (no arguments: a CPU demo)",
                        description=TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = s.add_argument_group("model and data")
-    g.add_argument("--model", help="SD1.5 checkpoint to fine-tune (single file, full or EMA-only, or a diffusers "
-                   "folder); the UNet and the EMA start from its EMA weights. Without it: the demo")
-    g.add_argument("--vae", help="a separate VAE file for the checkpoint")
-    g.add_argument("--ema-init", metavar="PATH", help="take the initial UNet/EMA weights from this file instead")
-    g.add_argument("--data", action="append", metavar="SRC", help="image folder, tar shard path or glob, or 'demo'; "
-                   "repeatable (demo default: demo)")
-    g.add_argument("--out", help="output folder (default runs/zd; demo runs/demo)")
-    g.add_argument("--min-side", type=int, help="keep images whose original shortest side is ≥ this (default 1024)")
-    add_filter_flags(g)
-    g.add_argument("--bucket-area", type=int, help="bucket area in pixels (default 512·512; demo 24·24)")
-    g.add_argument("--bucket-min", type=int, help="shortest bucket side (default 384; demo 16)")
-    g.add_argument("--bucket-max", type=int, help="longest bucket side (default 640; demo 32)")
-    g.add_argument("--bucket-step", type=int, help="bucket side step (default 64; demo 8)")
-    g.add_argument("--flip", action="store_true", default=None, help="random horizontal flips (default off)")
-    g.add_argument("--random-crop", action="store_true", default=None, help="random instead of centre crops")
-    g.add_argument("--inpaint", action="store_true", default=None, help="train the 9-channel inpainting UNet on "
-                   "synthetic masks (a 4-channel checkpoint is expanded with zero-initialised channels)")
-    g.add_argument("--workers", type=int, help="data loader processes per rank (default 2)")
-    g = s.add_argument_group("the recipe (SPEC §1)")
-    g.add_argument("--prediction", choices=("v", "eps"), help="what the UNet predicts (default v)")
-    g.add_argument("--schedule", choices=("zt", "sd15"), help="zt: SD1.5's betas rescaled to zero terminal SNR "
-                   "(Lin et al. 2023, Alg. 1); sd15: as shipped (default zt)")
-    g.add_argument("--min-snr-gamma", type=float, help="min-SNR-γ loss weight (Hang et al. 2023), from the rescaled "
-                   "schedule; 0 = plain MSE (default 5)")
-    g.add_argument("--ip-noise-gamma", type=float, help="input perturbation γ (Ning et al. 2023), on the input only "
-                   "(default 0.1)")
-    g.add_argument("--caption-dropout", type=float, help="probability of training on the empty caption \"\" "
-                   "(default 0.1)")
-    g.add_argument("--ema-decay", type=float, help="EMA decay, constant from step 1 (default 0.9999; demo 0.98)")
-    g = s.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, help="optimiser steps (default 10000; demo 400)")
-    g.add_argument("--batch-size", type=int, help="images per rank per micro-step (default 4; demo 32)")
-    g.add_argument("--grad-accum", type=int, help="micro-steps accumulated per optimiser step (default 1)")
-    g.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-5; demo 1e-3)")
-    g.add_argument("--lr-schedule", choices=("constant", "cosine"), help="after warm-up (default constant)")
-    g.add_argument("--warmup", type=int, help="linear warm-up steps (default 500; demo 20)")
-    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.01)")
-    g.add_argument("--max-grad-norm", type=float, help="gradient clipping (default 1.0)")
-    g.add_argument("--seed", type=int, help="seed of the data order, dropout and all noise (default 0)")
-    g = s.add_argument_group("run")
-    g.add_argument("--resume", action="store_true", default=None, help="continue the run in --out (weights, EMA, "
-                   "optimiser, step, data position); its settings are kept, except --steps and the intervals")
-    g.add_argument("--save-every", type=int, help="write the checkpoints and train state every N steps (default 1000; "
-                   "demo 100)")
-    g.add_argument("--sample-every", type=int, help="write a grid of EMA samples every N steps, 0 = never "
-                   "(default 500; demo 100)")
-    g.add_argument("--sample-prompt", action="append", dest="sample_prompts", metavar="TEXT",
-                   help="prompt of the sample grids; repeatable")
-    g.add_argument("--sample-size", type=int, nargs=2, metavar=("W", "H"), help="sample grid size (default 512 512; "
-                   "demo 24 24)")
-    g.add_argument("--log-every", type=int, help="progress line and metrics.jsonl every N steps (default 10; demo 5)")
-    g.add_argument("--max-bad-steps", type=int, help="stop after this many non-finite steps in a row (default 5)")
-    g.add_argument("--text-cache", type=int, help="keep the CLIP embeddings of up to N distinct captions "
-                   "(default 0; demo 1024)")
-    g.add_argument("--half", action="store_true", default=None,
-                   help="write fp16 checkpoints (the train state stays fp32)")
-    g = s.add_argument_group("hardware")
-    g.add_argument("--device", help="cuda, cuda:1, cpu (default: the rank's GPU if there is one)")
-    g.add_argument("--precision", choices=("bf16", "fp32"), help="UNet autocast on GPUs (default bf16; CPUs fp32)")
-    g.add_argument("--grad-checkpointing", action="store_true", default=None,
-                   help="recompute activations in the backward pass: less memory, ~30%% slower")
-    g.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile the UNet (opt-in: compiles once per bucket shape before it pays off)")
+    add_settings(s)
     s.set_defaults(func=train)
-    add_data_command(sub)
 
     s = sub.add_parser("demo", help="train the demo with ZT/v and with SD1.5's schedule/ε; compare black and white",
                        description=demo.__doc__)
     s.add_argument("--out", default="runs", help="parent folder: OUT/demo and OUT/demo-sd15-eps (default runs)")
-    s.add_argument("--steps", type=int, default=DEMO["steps"], help=f"training steps of each (default {DEMO['steps']})")
-    s.add_argument("--seed", type=int, default=0, help="training and sampling seed (default 0)")
-    s.add_argument("--n", type=int, default=8, help="samples per prompt (default 8)")
+    s.add_argument("--steps", type=at_least(1), default=DEMO["steps"], help=f"training steps of each (default "
+                   f"{DEMO['steps']})")
+    s.add_argument("--seed", type=at_least(0), default=0, help="training and sampling seed (default 0)")
+    s.add_argument("--n", type=at_least(1), default=8, help="samples per prompt (default 8)")
     s.add_argument("--no-train", action="store_true", help="only sample the two models already in OUT")
     s.set_defaults(func=demo)
 
@@ -1294,24 +1491,26 @@ def parser():
                                                       "(default: the EMA weights)")
     s.add_argument("--prompt", required=True)
     s.add_argument("--negative", default="", help='negative prompt (default "", SD1.5\'s unconditional input)')
-    s.add_argument("--steps", type=int, default=25, help="DDIM steps, trailing spacing from t = 999 (default 25)")
+    s.add_argument("--steps", type=at_least(1), default=25, help="DDIM steps, trailing spacing from t = 999 "
+                   "(default 25)")
     s.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (default 7.5; ≤ 1: none)")
-    s.add_argument("--rescale", type=float, default=0.7, help="CFG rescale φ, Lin et al. 2023 Alg. 2 (default 0.7)")
-    s.add_argument("--seed", type=int, default=0, help='initial latent = torch.randn((n, 4, H/8, W/8), generator='
-                   'torch.Generator("cpu").manual_seed(SEED)), float32, as diffusers draws it (default 0)')
-    s.add_argument("--width", type=int, help="multiple of 64 (default 512, or --image's size rounded down; "
-                                             "pixel-space demo models: multiple of 8, default 24)")
-    s.add_argument("--height", type=int, help="as --width")
-    s.add_argument("--n", type=int, default=1, help="images of the prompt, sampled as one batch (default 1)")
+    s.add_argument("--rescale", type=probability, default=0.7, help="CFG rescale φ, Lin et al. 2023 Alg. 2 "
+                   "(default 0.7)")
+    s.add_argument("--seed", type=at_least(0), default=0, help='initial latent = torch.randn((n, 4, H/8, W/8), '
+                   'generator=torch.Generator("cpu").manual_seed(SEED)), float32, as diffusers draws it (default 0)')
+    s.add_argument("--width", type=side, help="multiple of 64 (default 512, or --image's size rounded down; "
+                                              "pixel-space demo models: multiple of 8, default 24)")
+    s.add_argument("--height", type=side, help="as --width")
+    s.add_argument("--n", type=at_least(1), default=1, help="images of the prompt, sampled as one batch (default 1)")
     s.add_argument("--out", default="sample.png", help="a .png path, or a folder for several images plus grid.png "
                                                        "(default sample.png)")
     s.add_argument("--prediction", choices=("v", "eps"), help="override the checkpoint's marker (unmarked: eps)")
     s.add_argument("--schedule", choices=("zt", "sd15"), help="override the checkpoint's marker: zero terminal SNR or "
                                                              "SD1.5's scaled-linear (unmarked: sd15)")
     s.add_argument("--image", help="init image: img2img for a base model, the image to inpaint for an inpainting model")
-    s.add_argument("--mask", help="inpainting mask, white = repaint (inpainting models only)")
-    s.add_argument("--strength", type=float, help="how far up the step list --image starts (default 0.8 img2img, "
-                                                  "1.0 inpainting)")
+    s.add_argument("--mask", help="inpainting mask, white = repaint (inpainting models only; needs --image)")
+    s.add_argument("--strength", type=probability, help="how far up the step list --image starts (default 0.8 "
+                   "img2img, 1.0 inpainting)")
     s.add_argument("--device", help="default cuda if available, else cpu")
     s.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="weights' dtype (default fp16 on GPU, fp32 on "
                                                                      "CPU); the schedule math stays fp32/float64")
@@ -1319,12 +1518,13 @@ def parser():
 
     s = sub.add_parser("schedule", help="print the noise schedule (β, ᾱ, SNR, loss weights) and the sampling timesteps",
                        description=schedule.__doc__)
-    s.add_argument("--steps", type=int, default=10, help="number of sampling steps (default 10)")
+    s.add_argument("--steps", type=at_least(1), default=10, help="number of sampling steps (default 10)")
     s.add_argument("--spacing", choices=("trailing", "leading", "linspace"), default="trailing",
                    help="sampling timestep spacing (default trailing, Lin et al. 2023 Table 2)")
-    s.add_argument("--offset", type=int, default=1, help="steps_offset of leading spacing (default 1, as SD1.5)")
+    s.add_argument("--offset", type=at_least(0), default=1, help="steps_offset of leading spacing (default 1, as "
+                   "SD1.5)")
     s.add_argument("--no-zt", action="store_true", help="SD1.5's schedule as is, without the zero-terminal-SNR rescale")
-    s.add_argument("--gamma", type=float, default=5.0, help="min-SNR γ for the weight column (default 5)")
+    s.add_argument("--gamma", type=at_least(0, float), default=5.0, help="min-SNR γ for the weight column (default 5)")
     s.add_argument("--all", action="store_true", help="print all 1000 timesteps")
     s.add_argument("--csv", action="store_true", help="all 1000 rows as CSV, full precision")
     s.set_defaults(func=schedule)
@@ -1334,7 +1534,7 @@ def parser():
     s.add_argument("--out", help="output file (default zd_vectors.safetensors, or .json with --format json)")
     s.add_argument("--format", choices=("safetensors", "json"), help="json: tensors as nested lists, for trainers "
                    "outside PyTorch (default: from --out's extension, else safetensors)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the random cases (default 0)")
+    s.add_argument("--seed", type=at_least(0), default=0, help="seed of the random cases (default 0)")
     s.set_defaults(func=vectors)
 
     s = sub.add_parser("check", help="check another trainer's math against zd's, quantity by quantity, naming known "
@@ -1342,7 +1542,7 @@ def parser():
     s.add_argument("target", nargs="+", metavar="MODULE:OBJECT", help="an object (a class is instantiated with no "
                    "arguments) with any of: " + ", ".join(PROTOCOL) + "; MODULE may be a path/to/file.py")
     s.add_argument("--json", action="store_true", help="one JSON line per object instead of the table")
-    s.add_argument("--seed", type=int, default=0, help="seed of the random cases (default 0)")
+    s.add_argument("--seed", type=at_least(0), default=0, help="seed of the random cases (default 0)")
     s.set_defaults(func=check_command)
 
     s = sub.add_parser("convert", help="any SD1.5-family checkpoint → an LDM single .safetensors file")
@@ -1367,15 +1567,26 @@ def parser():
 
     s = sub.add_parser("inspect", help="what a checkpoint is: layout, variant, EMA, markers, dtypes, sizes")
     s.add_argument("path", help="single .safetensors file or diffusers folder")
-    s.set_defaults(func=inspect)
+    s.set_defaults(func=inspect_checkpoint)
 
+    add_data_command(sub)
     return p
 
 
 def main(argv=None):
+    """Run a subcommand. A UserError is printed as its one line (exit status 1); --debug or ZD_DEBUG=1 shows its
+    traceback instead."""
     args = parser().parse_args(argv)
     try:
         args.func(args)
+    except UserError as e:
+        if args.debug or os.environ.get("ZD_DEBUG"):
+            raise
+        print(e, file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:                             # `train` handles its own: it saves first
+        print(f"zd.py {args.command}: interrupted", file=sys.stderr)
+        sys.exit(130)
     except BrokenPipeError:   # `zd.py schedule --csv | head`: the reader has gone; say nothing more (Python docs' recipe)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)

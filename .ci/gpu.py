@@ -295,7 +295,7 @@ def part_nan():
                                          DEVICE.type, "--batch-size", "4", "--workers", "0", "--sample-every", "0",
                                          "--log-every", "1"]))
         stopped = False
-    except SystemExit as e:
+    except zd.UserError as e:
         stopped = "3 steps in a row" in str(e)
     finally:
         model.UNet.forward = forward
