@@ -281,7 +281,8 @@ def bench(args):
     rows = []
 
     def row(name, times, note=""):
-        r = dict(name=name, unit="s", note=note, ours=spread(times["ours"]), diffusers=spread(times.get("diffusers", [])))
+        r = dict(name=name, unit="s", note=note, ours=spread(times["ours"]),
+                 diffusers=spread(times.get("diffusers", [])))
         r["ratio"] = r["ours"]["median"] / r["diffusers"]["median"] if r["diffusers"] else None
         rows.append(r)
         if not args.json:

@@ -545,8 +545,8 @@ def read_safetensors(path, device="cpu"):
 def not_safetensors(path, head):
     """Why a file is refused, with what to do: a pickle is never loaded (it can run code), whatever it holds."""
     if head.startswith((b"PK\x03\x04", b"\x80")):      # a zip (torch.save) or a bare pickle: a .ckpt
-        return (f"{path} is a pickled checkpoint (.ckpt or torch.save), which zd never loads because unpickling can run "
-                "code: convert it to .safetensors with a tool you trust, or use the .safetensors release")
+        return (f"{path} is a pickled checkpoint (.ckpt or torch.save), which zd never loads because unpickling can "
+                "run code: convert it to .safetensors with a tool you trust, or use the .safetensors release")
     return f"{path} is not a safetensors file (its first bytes are no safetensors header)"
 
 
@@ -706,7 +706,8 @@ class SD:
 
 
 def markers(path, keys, metadata):
-    """(prediction, ztsnr) a checkpoint declares: 'v'/'eps'/None and True/False/None, from any of the three markers `save` writes (pitfall 10)."""
+    """(prediction, ztsnr) a checkpoint declares: 'v'/'eps'/None and True/False/None, from any of the three markers
+    `save` writes (pitfall 10)."""
     path, prediction, ztsnr = Path(path), None, None
     if path.is_dir():
         sched = path / "scheduler" / "scheduler_config.json"

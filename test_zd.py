@@ -61,7 +61,8 @@ ZT_SNR = S.snr(ZT)
 
 
 def test_paper_numbers():
-    """The papers' reference values (float64; Lin et al. 2023, Table 1 and Fig. 2), recomputed independently of the code under test where cheap."""
+    """The papers' reference values (float64; Lin et al. 2023, Table 1 and Fig. 2), recomputed independently of the
+    code under test where cheap."""
     sd = S.alphas_cumprod(S.sd15_betas())
     assert sd[0].item() == pytest.approx(0.99915, abs=1e-12)
     assert sd[999].item() == pytest.approx(0.0046601, rel=1e-4)
@@ -1487,7 +1488,8 @@ def test_group_norm_eps():
 
 
 def test_vae_downsample_pad_probe():
-    """Pitfall 11, the VAE's asymmetric pad, by a probe: all-ones 3×3 kernel on all-ones 8×8 → 9 top-left, 4 bottom-right (pad right/bottom only)."""
+    """Pitfall 11, the VAE's asymmetric pad, by a probe: all-ones 3×3 kernel on all-ones 8×8 → 9 top-left,
+    4 bottom-right (pad right/bottom only)."""
     down = model.VAEDownsample(1)
     with torch.no_grad():
         down.conv.weight.fill_(1.0), down.conv.bias.zero_()
@@ -2434,7 +2436,8 @@ def test_mistakes_in_paths_and_runs(tmp_path, capsys, tiny_file):
     Image.new("RGB", (64, 64)).save(tmp_path / "image.png")
     Image.new("L", (32, 32)).save(tmp_path / "mask.png")
     assert "give a mask of the image's size" in refused(capsys, "sample", "--model", path, "--prompt", "x", "--image",
-                                                        str(tmp_path / "image.png"), "--mask", str(tmp_path / "mask.png"))
+                                                        str(tmp_path / "image.png"), "--mask",
+                                                        str(tmp_path / "mask.png"))
 
 
 def test_every_image_under_min_side_says_which_setting_to_change(tmp_path, capsys):

@@ -292,8 +292,8 @@ def train(args):
         if rank == 0 and saved != step:
             save(s, step, position, skipped, unet, ema, opt, nets)
         if interrupts.signal:
-            log(f"train: {signal.Signals(interrupts.signal).name}: stopped at step {step}" + (
-                f", saved in {s.out}; --resume continues" if step > started else ", before training: nothing new to save"))
+            where = f"saved in {s.out}; --resume continues" if step > started else "before training: nothing new to save"
+            log(f"train: {signal.Signals(interrupts.signal).name}: stopped at step {step}, {where}")
         else:
             log(f"train: step {step}: wrote {s.out}/model.safetensors, model_ema.safetensors and train_state.*")
     finally:
@@ -376,9 +376,9 @@ def starting_model(s, log):
         log("train: demo — a small pixel-space UNet (no VAE) trained from scratch on procedural images; a tiny frozen "
             "CLIP with random weights encodes the captions")
         return demo_model(s.seed, s.prediction, s.schedule == "zt", s.inpaint)
-    nets = load_model(s.model, vae_path=s.vae)
+    nets = load_model(s.model, "train", vae_path=s.vae)
     if s.ema_init:
-        init = load_model(s.ema_init)
+        init = load_model(s.ema_init, "train")
         nets.unet.load_state_dict(init.unet.state_dict())
         nets.meta["ema"] = init.meta["ema"]
     source = {"ema": "model_ema.* weights", None: "weights (an EMA-only file holds the EMA)"}[nets.meta.get("ema")]
@@ -583,8 +583,8 @@ def write_file(path, write):
     try:
         write(path)
     except OSError as e:
-        raise UserError(f"cannot write {path} ({e.strerror}); the previous file is intact: free space or choose another "
-                        "folder, then --resume") from None
+        raise UserError(f"cannot write {path} ({e.strerror}); the previous file is intact: free space or choose "
+                        "another folder, then --resume") from None
 
 
 def save_state(s, step, position, skipped, unet, ema, opt):
@@ -890,7 +890,8 @@ def sample(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype or (
         "fp16" if device.startswith("cuda") else "fp32")]
-    nets = load_model(args.model, vae_path=args.vae, ema=False if args.raw else None, dtype=dtype, device=device)
+    nets = load_model(args.model, "sample", vae_path=args.vae, ema=False if args.raw else None, dtype=dtype,
+                      device=device)
     width, height = args.width, args.height
     if args.image and not (width and height):
         w, h = sizes["--image"]
@@ -1293,7 +1294,7 @@ def check_command(args):
 # ---------------------------------------------------------------------------------------------------------------------
 # zd.py convert / merge / inspect: checkpoints between layouts, the add-difference merge, and what a file is
 
-def load_model(path, command="zd.py", **kw):
+def load_model(path, command, **kw):
     """model.load, with its refusals (no such file, not safetensors, a pickled .ckpt, missing keys) as one line."""
     try:
         return model.load(path, **kw)
@@ -1419,7 +1420,8 @@ def add_settings(p):
         elif "action" not in kw:
             kw.setdefault("type", str if f.default is None else type(f.default))
         default = f" (default {show(f.default)}{f'; demo {show(DEMO[f.name])}' if f.name in DEMO else ''})"
-        kw["help"] = (kw["help"] + (default if f.default not in (None, ()) or f.name in DEMO else "")).replace("%", "%%")
+        shown = default if f.default not in (None, ()) or f.name in DEMO else ""
+        kw["help"] = (kw["help"] + shown).replace("%", "%%")
         group.add_argument(flag, dest=f.name, default=None, **kw)
 
 
@@ -1442,16 +1444,17 @@ def add_data_command(sub):
             "type": f.metadata.get("type", float if f.default is None else type(f.default))}
         s.add_argument("--" + name.replace("_", "-"), default=f.default, help=f"as train's (default {f.default})",
                        **kw)
-    s.add_argument("--world-size", type=at_least(1), default=1, help="GPUs of the run, for its global batch (default 1)")
+    s.add_argument("--world-size", type=at_least(1), default=1, help="GPUs of the run, for its global batch "
+                   "(default 1)")
     s.add_argument("--sheet", default="data_preview", metavar="DIR", help="contact sheets' folder ('' for none)")
     s.add_argument("--per-bucket", type=at_least(1), default=16, help="images per contact sheet (default 16)")
     s.add_argument("--json", action="store_true", help="print the report as JSON (the log goes to stderr)")
     s.set_defaults(func=survey)
 
 
-TRAIN_HELP = """Fine-tune Stable Diffusion 1.5 with the ZeroDiffusion recipe: v-prediction on SD1.5's schedule rescaled to
-zero terminal SNR, min-SNR-γ loss weights, input-perturbation noise, aspect buckets of ≈512², caption dropout to "",
-a constant EMA initialised from the checkpoint's EMA, CLIP and the VAE frozen; AdamW, warm-up.
+TRAIN_HELP = """Fine-tune Stable Diffusion 1.5 with the ZeroDiffusion recipe: v-prediction on SD1.5's schedule rescaled
+to zero terminal SNR, min-SNR-γ loss weights, input-perturbation noise, aspect buckets of ≈512², caption dropout to
+"", a constant EMA initialised from the checkpoint's EMA, CLIP and the VAE frozen; AdamW, warm-up.
 
     python zd.py train --model v1-5-pruned-emaonly.safetensors --data /data/laion-1024 --out runs/zd
     torchrun --nproc_per_node 8 zd.py train --model ... --data '/data/shards/*.tar' ...

@@ -88,8 +88,9 @@ def part_env():
             versions[name] = __import__(name).__version__
         except ImportError:
             versions[name] = None
-    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm",
-                          "--format=csv,noheader"], capture_output=True, text=True) if shutil.which("nvidia-smi") else None
+    smi = shutil.which("nvidia-smi") and subprocess.run(
+        ["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm", "--format=csv,noheader"],
+        capture_output=True, text=True)
     record("env", date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), dry_run=DRY, python=sys.version.split()[0],
            torch=torch.__version__, cuda=torch.version.cuda, device=torch.cuda.get_device_name() if not DRY else "cpu",
            nvidia_smi=smi.stdout.strip() if smi else None, cpus=os.cpu_count(), **versions)
