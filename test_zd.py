@@ -383,7 +383,7 @@ def test_crop_offset_selects_the_right_part():
 def test_demo_source_black_and_white_are_common_and_exact():
     items = data.DemoSource(n=400, seed=1).items()
     captions = Counter(it.caption for it in items)
-    assert captions["a plain black image"] > 80 and captions["a plain white image"] > 80
+    assert captions["a plain black image"] > 50 and captions["a plain white image"] > 50   # 18% each: 73 ± 8
     assert len({data.bucket_for(it.w, it.h, data.buckets(32 * 32, 24, 40, 8)) for it in items}) == 3
     loader = data.Loader([data.DemoSource(n=400, seed=1)], 16, workers=0, caption_dropout=0.0, **TINY)
     batch = next(loader.batches())
