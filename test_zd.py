@@ -1399,10 +1399,12 @@ def test_seed_reproducible_and_initial_latent_documented():
 
 def test_pixel_space_model(tmp_path):
     """zd's demo models have no VAE: x_t is the image (3 channels at H×W, no /8) in [−1, 1]; the initial noise is
-    torch.randn((n, 3, H, W), generator=...) and the output is the last x̂0 as uint8. Also through save → `zd.py sample`."""
+    torch.randn((n, 3, H, W), generator=...) and the output is the last x̂0 as uint8. Also through save → `zd.py sample`,
+    whose guidance for a pixel-space model is the demo's unless --cfg says otherwise."""
     unet = model.UNet(model.UNetConfig.tiny(in_channels=3, out_channels=3))
     sd = _stub_sd(dict(prediction="v", ztsnr=True, pixel_space=True), unet=unet, vae=False)
-    images = zd.generate(sd, ["a white square"] * 2, steps=2, width=32, height=32, seed=1, progress=False)
+    images = zd.generate(sd, ["a white square"] * 2, steps=2, cfg=zd.DEMO_CFG, width=32, height=32, seed=1,
+                         progress=False)
     assert images.shape == (2, 32, 32, 3) and images.dtype == torch.uint8
     expected = torch.randn((2, 3, 32, 32), generator=torch.Generator("cpu").manual_seed(1))
     assert torch.equal(sd.unet.calls[0][0][:2], expected)
