@@ -160,7 +160,7 @@ class Settings:
 # t > 900): the demo's images are 16×16 px, whose colours stay hidden in the noise down to lower t than at 24×24, and
 # whose steps cost less than half as much; in equal time, 2000 steps at 16² left about half the colour error of 1000
 # steps at 24² (16×32, 24×24, 32×16). The demo's images (aspects 2:3 to 3:2) all go to the one bucket, resized to cover
-# it and centre-cropped. 1500 steps of batch 32 take 4 minutes on two idle CPU cores and draw every prompt below right
+# it and centre-cropped. 1500 steps of batch 32 take 4½ minutes on two idle CPU cores and draw every prompt below right
 # (README, The demo). The vocabulary, as its sample grid shows it and demo_score measures it: the six plain colours,
 # and six shapes on backgrounds in which every colour is once the shape's and once the background's.
 DEMO_PROMPTS = ("a plain black image", "a plain white image", "a plain red image", "a plain green image",
