@@ -75,6 +75,14 @@ def hf_tokenizer(folder):
     return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), model_max_length=77)
 
 
+def diffusers_sample(pipe, prompts, steps, size, latents=None):
+    """The pipeline's images (float [N, H, W, 3] in [0, 1]) with zd.generate's defaults: negative prompt "", CFG 7.5
+    rescaled by 0.7, seed 0 on a CPU generator; `latents` replaces the pipeline's own draw of the noise."""
+    return pipe(prompts, negative_prompt=[""] * len(prompts), num_inference_steps=steps, guidance_scale=7.5,
+                guidance_rescale=0.7, width=size, height=size, output_type="np", latents=latents,
+                generator=torch.Generator("cpu").manual_seed(0)).images
+
+
 def zt_pipeline(unet, vae, text_encoder, tokenizer_folder):
     """diffusers' StableDiffusionPipeline on zd's networks (shared tensors) with the DDIM scheduler zd samples with:
     the zero-terminal-SNR schedule, trailing spacing, v-prediction, ᾱ_prev = 1 at the last step."""
@@ -240,10 +248,7 @@ def bench_sampling(unet, vae, text_encoder, size, steps, repeats, has_diffusers,
     if has_diffusers:
         folder = tempfile.mkdtemp()
         pipe = zt_pipeline(unet, vae, text_encoder, folder)
-        fns["diffusers"] = lambda: pipe(prompt, negative_prompt=[""] * n,
-                                        num_inference_steps=steps, guidance_scale=7.5, guidance_rescale=0.7,
-                                        width=size, height=size, output_type="np",
-                                        generator=torch.Generator("cpu").manual_seed(0))
+        fns["diffusers"] = lambda: diffusers_sample(pipe, prompt, steps, size)
     sync = torch.cuda.synchronize if unet.time_embed[0].weight.is_cuda else (lambda: None)
     return alternate(fns, repeats, 2 if size < 256 else 1, sync)
 

@@ -1486,16 +1486,21 @@ def add_settings(p):
     group = p
     for f in dataclasses.fields(Settings):
         group = p.add_argument_group(groups[f.name]) if f.name in groups else group
-        kw = dict(f.metadata)
-        flag = kw.pop("flag", "--" + f.name.replace("_", "-"))
-        if isinstance(f.default, bool):
-            kw["action"] = "store_true"
-        elif "action" not in kw:
-            kw.setdefault("type", str if f.default is None else type(f.default))
+        flag, help, kw = setting_flag(f)
         default = f" (default {show(f.default)}{f'; demo {show(DEMO[f.name])}' if f.name in DEMO else ''})"
         shown = default if f.default not in (None, ()) or f.name in DEMO else ""
-        kw["help"] = (kw["help"] + shown).replace("%", "%%")
-        group.add_argument(flag, dest=f.name, default=None, **kw)
+        group.add_argument(flag, dest=f.name, default=None, help=(help + shown).replace("%", "%%"), **kw)
+
+
+def setting_flag(f):
+    """(flag, help, argparse keywords) of a Settings field: its type, choices and metavar; a bool is a switch."""
+    kw = dict(f.metadata)
+    flag, help = kw.pop("flag", "--" + f.name.replace("_", "-")), kw.pop("help")
+    if isinstance(f.default, bool):
+        kw["action"] = "store_true"
+    elif "action" not in kw:
+        kw.setdefault("type", str if f.default is None else type(f.default))
+    return flag, help, kw
 
 
 def add_marker_flags(s):
@@ -1510,13 +1515,10 @@ def add_data_command(sub):
     s = sub.add_parser("data", help="see and filter the training data before training: counts, buckets, captions, "
                        "contact sheets of the crops", description=survey.__doc__)
     s.add_argument("--data", action="append", required=True, metavar="SRC", help="as train's; repeatable")
-    fields = {f.name: f for f in dataclasses.fields(Settings)}
-    for name in LOADER_SETTINGS + ("batch_size",):
-        f = fields[name]
-        kw = {"action": "store_true"} if isinstance(f.default, bool) else {
-            "type": f.metadata.get("type", float if f.default is None else type(f.default))}
-        s.add_argument("--" + name.replace("_", "-"), default=f.default, help=f"as train's (default {f.default})",
-                       **kw)
+    for f in dataclasses.fields(Settings):
+        if f.name in LOADER_SETTINGS + ("batch_size",):
+            flag, _, kw = setting_flag(f)
+            s.add_argument(flag, default=f.default, help=f"as train's (default {f.default})", **kw)
     s.add_argument("--world-size", type=at_least(1), default=1, help="GPUs of the run, for its global batch "
                    "(default 1)")
     s.add_argument("--sheet", default="data_preview", metavar="DIR", help="contact sheets' folder ('' for none)")

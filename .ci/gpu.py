@@ -139,8 +139,7 @@ def part_correctness():
     sd = model.SD(unet, vae, clip, model.Tokenizer.default(), dict(prediction="v", ztsnr=True))
     ours = zd.generate(sd, [PROMPT], steps=steps, seed=0, width=px, height=px, progress=False)
     pipe = bench.zt_pipeline(unet, vae, clip, os.path.join(WORK, "tokenizer"))
-    theirs = pipe([PROMPT], negative_prompt=[""], num_inference_steps=steps, guidance_scale=7.5, guidance_rescale=0.7,
-                  width=px, height=px, output_type="np", generator=torch.Generator("cpu").manual_seed(0)).images
+    theirs = bench.diffusers_sample(pipe, [PROMPT], steps, px)
     theirs = torch.from_numpy((theirs * 255).round().astype(np.uint8))
     diff = (ours.int() - theirs.int()).abs()
     check("correctness", f"sampling fp32, {steps} steps, {px}²", diff.max() <= 2, max_pixel_diff=diff.max().item(),
@@ -156,9 +155,7 @@ def part_sampling_fp16():
     pipe = bench.zt_pipeline(unet, vae, clip, os.path.join(WORK, "tokenizer"))
     noise = torch.randn((1, 4, px // 8, px // 8), generator=torch.Generator("cpu").manual_seed(0))
     for name, latents in (("diffusers' own noise draw", None), ("zd's noise as latents", noise.half().to(DEVICE))):
-        theirs = pipe([PROMPT], negative_prompt=[""], num_inference_steps=steps, guidance_scale=7.5,
-                      guidance_rescale=0.7, width=px, height=px, output_type="np", latents=latents,
-                      generator=torch.Generator("cpu").manual_seed(0)).images
+        theirs = bench.diffusers_sample(pipe, [PROMPT], steps, px, latents)
         nans = int(np.isnan(theirs).sum())
         theirs = torch.from_numpy((np.nan_to_num(theirs) * 255).round().astype(np.uint8))
         diff = (ours.int() - theirs.int()).abs()
