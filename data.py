@@ -220,6 +220,57 @@ def _original_size(meta, w, h):
         return w, h
 
 
+# ---- images in and out of the sampler (`zd.py sample`) -------------------------------------------------------------
+
+def image_tensor(image, width, height):
+    """A path, PIL image or tensor → [1, 3, H, W] in [−1, 1]; PIL images resized with Lanczos, as diffusers does."""
+    if isinstance(image, torch.Tensor):
+        return image.reshape(-1, 3, *image.shape[-2:]).float()
+    img = Image.open(image) if isinstance(image, (str, os.PathLike)) else image
+    img = img.convert("RGB")
+    if img.size != (width, height):
+        img = img.resize((width, height), Image.LANCZOS)
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None] * 2 - 1
+
+
+def mask_tensor(mask, width, height):
+    """A path, PIL image or tensor → [1, 1, H, W] of 0/1, 1 = repaint (white), binarised at 0.5 like diffusers."""
+    if isinstance(mask, torch.Tensor):
+        m = mask.reshape(-1, 1, *mask.shape[-2:]).float()
+    else:
+        img = (Image.open(mask) if isinstance(mask, (str, os.PathLike)) else mask).convert("L")
+        if img.size != (width, height):
+            img = img.resize((width, height), Image.LANCZOS)
+        m = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255)[None, None]
+    return (m >= 0.5).float()
+
+
+def save_png(images, out, cols=None):
+    """Write uint8 [N, H, W, 3] images: to `out` itself when it ends in .png and N = 1; otherwise one PNG per image
+    (out/000.png … in a folder, or out-000.png … beside a .png path) plus a grid (out/grid.png or the .png path).
+    Returns the paths written."""
+    arrays = [im.cpu().numpy() for im in images]
+    if out.lower().endswith(".png") and len(arrays) == 1:
+        paths = [out]
+    elif out.lower().endswith(".png"):
+        paths = [f"{out[:-4]}-{i:03d}.png" for i in range(len(arrays))]
+    else:
+        paths = [os.path.join(out, f"{i:03d}.png") for i in range(len(arrays))]
+    os.makedirs(os.path.dirname(paths[0]) or ".", exist_ok=True)
+    for a, path in zip(arrays, paths):
+        Image.fromarray(a).save(path)
+    if len(arrays) > 1:
+        cols = cols or math.ceil(math.sqrt(len(arrays)))
+        rows = math.ceil(len(arrays) / cols)
+        h, w = arrays[0].shape[:2]
+        grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
+        for i, a in enumerate(arrays):
+            grid[i // cols * h:(i // cols + 1) * h, i % cols * w:(i % cols + 1) * w] = a
+        paths.append(out if out.lower().endswith(".png") else os.path.join(out, "grid.png"))
+        Image.fromarray(grid).save(paths[-1])
+    return paths
+
+
 # ---- sources -------------------------------------------------------------------------------------------------------
 
 class DemoSource:
@@ -270,6 +321,37 @@ def demo_sample(seed, i):
     else:
         draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=DEMO_COLOURS[fg])
     return img, f"a {fg} {shape} on a {bg} background"
+
+
+# demo_judge's regions at the demo's 16×16, from where demo_sample draws its shapes (centre within ±15% of the middle,
+# radius 20–35% of the short side): the central 2×2 px, inside ≥ 95% of the training circles and squares, and the four
+# 2×2-px corners, which ≤ 3% of them reach (test_demo_judge_regions_match_the_training_shapes). Of the training images
+# themselves, 96% have the shape's colour in the centre and 99.6% the background's in the corners, within 40. The
+# whole 1-px border would be a weaker test: big training shapes touch it (2% of the training images fail there), and
+# so do the model's faint halos.
+DEMO_CENTRE = torch.zeros(16, 16, dtype=torch.bool)
+DEMO_CENTRE[7:9, 7:9] = True
+DEMO_CORNERS = torch.zeros(16, 16, dtype=torch.bool)
+DEMO_CORNERS[:2, :2] = DEMO_CORNERS[:2, -2:] = DEMO_CORNERS[-2:, :2] = DEMO_CORNERS[-2:, -2:] = True
+
+
+def demo_judge(prompt, images):
+    """Whether 16×16 uint8 images [n, 16, 16, 3] drew a demo caption's colours (DEMO_COLOURS, 0–255). A plain colour
+    is right when an image's mean is within 25 of it in every channel, and the prompt passes when the mean of the n
+    images is. A shape on a background is right when the mean of the central region is within 40 of the shape's colour
+    and the mean of the corners within 40 of the background's, in every channel, and the prompt passes when ≥ 7/8 of
+    the images are right. Returns (colours wanted, got, images right, passed): [1, 3], the images' mean colour, or
+    [2, 3], their mean colour in the centre and in the corners."""
+    x, words = images.float(), prompt.split()
+    plain = words[1] == "plain"
+    if plain:                                                       # [n, 1, 3]: the whole image
+        want, got = torch.tensor([DEMO_COLOURS[words[2]]]), x.mean((1, 2))[:, None]
+    else:                                                           # [n, 2, 3]: centre, corners
+        want = torch.tensor([DEMO_COLOURS[words[1]], DEMO_COLOURS[words[-2]]])
+        got = torch.stack([x[:, DEMO_CENTRE].mean(1), x[:, DEMO_CORNERS].mean(1)], dim=1)
+    right = int(((got - want).abs() <= (25 if plain else 40)).flatten(1).all(1).sum())
+    ok = bool(((got.mean(0) - want).abs() <= 25).all()) if plain else right >= 7 * len(x) / 8
+    return want, got.mean(0), right, ok
 
 
 # ---- the scan: what a sample is, whether it is kept --------------------------------------------------------------

@@ -13,6 +13,7 @@ import math
 import os
 import re
 import struct
+import sys
 import unicodedata
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -696,13 +697,50 @@ def build(cls, cfg, sd, prefix="", dtype=torch.float32, device="cpu"):
     return model, set(sd) - set(want)
 
 
+def to_net(module, x):
+    """x on a network's device and in its dtype (fp16/bf16 weights); the sampler's own state stays float32."""
+    p = next(module.parameters())
+    return x.to(p.device, p.dtype)
+
+
 @dataclass
 class SD:
+    """A checkpoint's networks, with the three ways the recipe uses the frozen ones; `meta` holds what `load` read."""
     unet: UNet
     vae: VAE | None  # None for zd's pixel-space demo models
     text_encoder: CLIPTextModel
     tokenizer: Tokenizer
     meta: dict = field(default_factory=dict)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts, device):
+        """CLIP embeddings [B, 77, C] of the prompts, float32 on `device`, warning when a prompt is cut to its first 75
+        tokens."""
+        for p in prompts:
+            if (n := self.tokenizer.count(p)) > 75:
+                print(f"warning: prompt truncated to 75 CLIP tokens (it has {n}): {p[:60]!r}…", file=sys.stderr)
+        ids = self.tokenizer(prompts).to(next(self.text_encoder.parameters()).device)
+        return self.text_encoder(ids).float().to(device)
+
+    @torch.no_grad()
+    def encode(self, pixels, xi):
+        """latent = VAE_SCALE·z, z = mean + exp(logvar/2)·ξ a posterior *sample* (Rombach et al. 2022, §3), float32
+        whatever the VAE's dtype. Pixel-space models (the demo) take the pixels as they are."""
+        if self.vae is None:
+            return pixels
+        mean, logvar = self.vae.encode(to_net(self.vae, pixels))
+        return (VAE_SCALE * (mean.float() + (0.5 * logvar.float()).exp() * xi.to(mean.device))).to(pixels.device)
+
+    @torch.no_grad()
+    def decode(self, latents):
+        """Latents → uint8 [N, H, W, 3] on the CPU, one image at a time (bounded memory), rounded like diffusers' image
+        processor: round(clamp(x/2 + 1/2, 0, 1)·255)."""
+        images = []
+        for z in latents.split(1):
+            if self.vae is not None:
+                z = self.vae.decode(to_net(self.vae, z / VAE_SCALE))
+            images.append(((z.float().cpu() * 0.5 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8))
+        return torch.cat(images).permute(0, 2, 3, 1).contiguous()
 
 
 def markers(path, keys, metadata):

@@ -1951,9 +1951,9 @@ class _Recorder(torch.nn.Module):
 
 def _stub_sd(meta, unet=None, vae=True):
     """A tiny SD whose UNet records its calls (a smooth stand-in unless a network is given), for tests of the loop."""
-    return types.SimpleNamespace(unet=_Recorder(unet), tokenizer=model.Tokenizer.default(), meta=meta,
-                                 text_encoder=model.CLIPTextModel(model.CLIPConfig.tiny(layers=1)),
-                                 vae=model.VAE(model.VAEConfig.tiny()) if vae else None)
+    return model.SD(unet=_Recorder(unet), tokenizer=model.Tokenizer.default(), meta=meta,
+                    text_encoder=model.CLIPTextModel(model.CLIPConfig.tiny(layers=1)),
+                    vae=model.VAE(model.VAEConfig.tiny()) if vae else None)
 
 
 @pytest.mark.parametrize("n", [13, 7])
@@ -2064,7 +2064,7 @@ def test_img2img_matches_diffusers_truncation_and_start(zt_sd, steps, strength):
 
 
 def test_sample_cli_writes_pngs(zt_sd, tmp_path, capsys):
-    """`zd.py sample` = generate() + save_png: one .png, or a folder with one PNG per image and grid.png; a prompt over
+    """`zd.py sample` = generate() + data.save_png: one .png, or a folder with one PNG per image and grid.png; a prompt over
     75 tokens is truncated with a warning."""
     folder, _ = zt_sd("base")
     long_prompt = "a red fox " * 30
@@ -2503,8 +2503,8 @@ def test_demo_command_prints_the_brightness_table(tmp_path, capsys):
     assert model.load(tmp_path / "demo-sd15-eps" / "model_ema.safetensors").meta["prediction"] == "eps"
 
 
-def test_demo_score_regions_match_the_training_shapes():
-    """demo_score reads a shape's colour from the central 2×2 px and the background's from the four 2×2-px corners: on
+def test_demo_judge_regions_match_the_training_shapes():
+    """demo_judge reads a shape's colour from the central 2×2 px and the background's from the four 2×2-px corners: on
     the demo's own training circles and squares, loaded at 16×16 as the demo trains on them, every centre pixel is
     inside ≥ 95% of the shapes and every corner pixel inside ≤ 5%, and ≥ 95% of the images score right."""
     images, want = [], []
@@ -2516,8 +2516,8 @@ def test_demo_score_regions_match_the_training_shapes():
     x, want = torch.stack(images), torch.stack(want)                             # [N, 16, 16, 3], [N, 2, 3]
     covered = ((x - want[:, None, None, 0]).abs().sum(-1) < (x - want[:, None, None, 1]).abs().sum(-1)).float().mean(0)
     assert zd.DEMO["sample_size"] == (16, 16) and data.buckets(16 * 16, 16, 16, 8) == [(16, 16)] and len(x) > 500
-    assert covered[zd.DEMO_CENTRE].min() >= 0.95 and covered[zd.DEMO_CORNERS].max() <= 0.05
-    got = torch.stack([x[:, zd.DEMO_CENTRE].mean(1), x[:, zd.DEMO_CORNERS].mean(1)], dim=1)
+    assert covered[data.DEMO_CENTRE].min() >= 0.95 and covered[data.DEMO_CORNERS].max() <= 0.05
+    got = torch.stack([x[:, data.DEMO_CENTRE].mean(1), x[:, data.DEMO_CORNERS].mean(1)], dim=1)
     assert ((got - want).abs() <= 40).flatten(1).all(1).float().mean() >= 0.95
 
 

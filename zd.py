@@ -250,13 +250,13 @@ def train(args):
                 shape = (3, H, W) if nets.vae is None else (4, H // 8, W // 8)
                 t, noise, ip_noise, xi, xi_masked = (None if a is None else to_device(a, device) for a in sample_noise(
                     s.seed, step * s.grad_accum + micro, batch["index"], shape, s.inpaint))
-                x0 = encode_pixels(nets, pixels, xi)
+                x0 = nets.encode(pixels, xi)
                 context = encode_captions(nets, batch["captions"], text_cache, s.text_cache)
                 x_t, target, weight = recipe_inputs(x0, noise, ip_noise, t, abar, snr, s.prediction, s.min_snr_gamma,
                                                     s.ip_noise_gamma)
                 if s.inpaint:  # [x_t, mask, masked-image latent], the mask nearest-downsampled
                     mask = F.interpolate(to_device(batch["mask"], device), size=x_t.shape[-2:], mode="nearest")
-                    masked = encode_pixels(nets, to_device(batch["masked_pixels"], device), xi_masked)
+                    masked = nets.encode(to_device(batch["masked_pixels"], device), xi_masked)
                     x_t = torch.cat([x_t, mask, masked], dim=1)
                 if cuda:
                     x_t = x_t.contiguous(memory_format=torch.channels_last)
@@ -660,44 +660,15 @@ def sample_grid(s, step, ema, nets, log, stop):
         images.append(generate(ema_nets, [prompt] * 4, steps=25, guidance=7.5 if nets.vae is not None else DEMO_CFG,
                                seed=0, width=w, height=h, progress=False))
         log(f"train: sample grid at step {step}: {4 * (i + 1)}/{4 * len(s.sample_prompts)} images", flush=True)
-    save_png(torch.cat(images), os.path.join(s.out, "samples", f"step_{step:06d}"), cols=4)
-
-
-# demo_score's regions at the demo's 16×16, from where data.demo_sample draws its shapes (centre within ±15% of the
-# middle, radius 20–35% of the short side): the central 2×2 px, inside ≥ 95% of the training circles and squares, and
-# the four 2×2-px corners, which ≤ 3% of them reach (test_demo_score_regions_match_the_training_shapes). Of the
-# training images themselves, 96% have the shape's colour in the centre and 99.6% the background's in the corners,
-# within 40. The whole 1-px border would be a weaker test: big training shapes touch it (2% of the training images
-# fail there), and so do the model's faint halos.
-DEMO_CENTRE = torch.zeros(16, 16, dtype=torch.bool)
-DEMO_CENTRE[7:9, 7:9] = True
-DEMO_CORNERS = torch.zeros(16, 16, dtype=torch.bool)
-DEMO_CORNERS[:2, :2] = DEMO_CORNERS[:2, -2:] = DEMO_CORNERS[-2:, :2] = DEMO_CORNERS[-2:, -2:] = True
+    data.save_png(torch.cat(images), os.path.join(s.out, "samples", f"step_{step:06d}"), cols=4)
 
 
 def demo_score(nets, prompts=DEMO_PROMPTS, n=8, seed=0):
-    """How much of its vocabulary the demo model draws: the samples of `zd.py sample --prompt P --n 8 --seed 0` (16×16,
-    25 trailing DDIM steps, CFG 3, rescale 0.7) for each prompt, against the caption's colours (data.DEMO_COLOURS,
-    0–255). A plain colour is right when the image's mean is within 25 of it in every channel, and the prompt passes
-    when the mean of its n samples is. A shape on a background is right when the mean of the central region is within
-    40 of the shape's colour and the mean of the corners within 40 of the background's, in every channel, and the
-    prompt passes when ≥ 7/8 of its samples are right. One row per prompt: the prompt, the colours wanted and got
-    ([1, 3]: the samples' mean colour, or [2, 3]: their mean colour in the centre and in the corners), samples right,
-    passed."""
-    rows = []
-    for p in prompts:
-        x = generate(nets, [p] * n, steps=25, guidance=DEMO_CFG, seed=seed, width=16, height=16, progress=False).float()
-        words = p.split()
-        plain = words[1] == "plain"
-        if plain:                                                       # [n, 1, 3]: the whole image
-            want, got = torch.tensor([data.DEMO_COLOURS[words[2]]]), x.mean((1, 2))[:, None]
-        else:                                                           # [n, 2, 3]: centre, corners
-            want = torch.tensor([data.DEMO_COLOURS[words[1]], data.DEMO_COLOURS[words[-2]]])
-            got = torch.stack([x[:, DEMO_CENTRE].mean(1), x[:, DEMO_CORNERS].mean(1)], dim=1)
-        right = int(((got - want).abs() <= (25 if plain else 40)).flatten(1).all(1).sum())
-        ok = bool(((got.mean(0) - want).abs() <= 25).all()) if plain else right >= 7 * n / 8
-        rows.append((p, want, got.mean(0), right, ok))
-    return rows
+    """How much of its vocabulary the demo model draws: data.demo_judge of the samples of `zd.py sample --prompt P --n 8
+    --seed 0` (16×16, 25 trailing DDIM steps, CFG 3, rescale 0.7) of each prompt. Rows (prompt, colours wanted, got,
+    samples right, passed)."""
+    return [(p, *data.demo_judge(p, generate(nets, [p] * n, steps=25, guidance=DEMO_CFG, seed=seed, width=16,
+                                             height=16, progress=False))) for p in prompts]
 
 
 def print_demo_score(rows, n=8, label="the EMA model"):
@@ -754,8 +725,8 @@ def ddim(nets, x, context, ts, abar, prediction, guidance=7.5, rescale=0.7, know
     for i, t in enumerate(ts.tolist()):
         x_in = x if known is None else torch.cat([x, known], dim=1)
         x_in = torch.cat([x_in, x_in]) if guidance > 1 else x_in      # guidance ≤ 1: the conditional pass alone
-        out = nets.unet(to_net(nets.unet, x_in), torch.full((len(x_in),), t, device=x.device),
-                        to_net(nets.unet, context)).float()
+        out = nets.unet(model.to_net(nets.unet, x_in), torch.full((len(x_in),), t, device=x.device),
+                        model.to_net(nets.unet, context)).float()
         if guidance > 1:
             out = S.guidance(*out.chunk(2), guidance, rescale)        # on the raw model output (v or ε)
         x = S.ddim_step(x, out, abar[t], S.abar_at(abar, S.prev_timestep(ts, i)), prediction)
@@ -816,20 +787,25 @@ def generate(nets, prompts, *, negative="", steps=25, guidance=7.5, rescale=0.7,
     channels = 4 if nets.vae is not None else nets.unet.cfg.out_channels    # pixel space: x_t is the image itself
     noise = torch.randn((n, channels, height // f, width // f), generator=generator).to(device)
     guided = guidance > 1                                 # as diffusers: guidance ≤ 1 runs the conditional pass alone
-    context = encode_prompts(nets, (negatives if guided else []) + prompts, device)    # [uncond; cond]
+    context = nets.encode_prompts((negatives if guided else []) + prompts, device)    # [uncond; cond]
     x, known = noise, None
+
+    def latent(image):   # the VAE posterior's noise from the generator, after the initial noise, as diffusers draws it
+        shape = (len(image), 4, *(side // 8 for side in image.shape[-2:]))
+        return nets.encode(image, None if nets.vae is None else torch.randn(shape, generator=generator))
+
     if image is not None:
-        image = image_tensor(image, width, height).to(device)
+        image = data.image_tensor(image, width, height).to(device)
         if inpaint:
-            m = mask_tensor(mask, width, height).to(device)
-            masked = encode_image(nets, image * (m < 0.5), generator)        # the SD-inpainting masked image
+            m = data.mask_tensor(mask, width, height).to(device)
+            masked = latent(image * (m < 0.5))        # the SD-inpainting masked image
             known = torch.cat([F.interpolate(m, size=noise.shape[-2:]), masked], dim=1).expand(n, -1, -1, -1)
         if not inpaint or strength < 1:
             # the image noised to the first step's ᾱ, x_t = √ᾱ·x0 + √(1−ᾱ)·ε (Ho et al. 2020, eq. 4); an inpainting
             # model at strength 1 starts from pure noise, as diffusers' inpainting pipeline does
-            x = S.add_noise(encode_image(nets, image, generator).expand_as(noise), noise, abar[ts[0]])
+            x = S.add_noise(latent(image).expand_as(noise), noise, abar[ts[0]])
     x = ddim(nets, x, context, ts, abar, pred, guidance, rescale, known, progress and sys.stderr.isatty())
-    return decode_latents(nets, x)
+    return nets.decode(x)
 
 
 def sampling_schedule(meta, prediction=None, zero_terminal_snr=None):
@@ -850,102 +826,6 @@ def sampling_schedule(meta, prediction=None, zero_terminal_snr=None):
                          "divides by √ᾱ_999 = 0. A model trained with ZT is a v model (--prediction v); a stock SD1.5 "
                          "checkpoint is ε on its own schedule (--schedule sd15).")
     return pred, zt
-
-
-def image_tensor(image, width, height):
-    """A path, PIL image or tensor → [1, 3, H, W] in [−1, 1]; PIL images resized with Lanczos, as diffusers does."""
-    if isinstance(image, torch.Tensor):
-        return image.reshape(-1, 3, *image.shape[-2:]).float()
-    img = Image.open(image) if isinstance(image, (str, os.PathLike)) else image
-    img = img.convert("RGB")
-    if img.size != (width, height):
-        img = img.resize((width, height), Image.LANCZOS)
-    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None] * 2 - 1
-
-
-def mask_tensor(mask, width, height):
-    """A path, PIL image or tensor → [1, 1, H, W] of 0/1, 1 = repaint (white), binarised at 0.5 like diffusers."""
-    if isinstance(mask, torch.Tensor):
-        m = mask.reshape(-1, 1, *mask.shape[-2:]).float()
-    else:
-        img = (Image.open(mask) if isinstance(mask, (str, os.PathLike)) else mask).convert("L")
-        if img.size != (width, height):
-            img = img.resize((width, height), Image.LANCZOS)
-        m = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255)[None, None]
-    return (m >= 0.5).float()
-
-
-def to_net(module, x):
-    """x on a network's device and in its dtype (fp16/bf16 weights); the sampler's own state stays float32."""
-    p = next(module.parameters())
-    return x.to(p.device, p.dtype)
-
-
-def encode_prompts(nets, prompts, device):
-    """CLIP embeddings [B, 77, C] of the prompts, warning when a prompt is cut to its first 75 tokens."""
-    for p in prompts:
-        n = nets.tokenizer.count(p)
-        if n > 75:
-            print(f"warning: prompt truncated to 75 CLIP tokens (it has {n}): {p[:60]!r}…", file=sys.stderr)
-    ids = nets.tokenizer(prompts).to(next(nets.text_encoder.parameters()).device)
-    return nets.text_encoder(ids).float().to(device)
-
-
-@torch.no_grad()
-def encode_pixels(nets, pixels, xi):
-    """latent = VAE_SCALE·z, z = mean + exp(logvar/2)·ξ a posterior *sample* (Rombach et al. 2022, §3), in float32
-    whatever the VAE's dtype. Pixel-space models (the demo) take the pixels as they are."""
-    if nets.vae is None:
-        return pixels
-    mean, logvar = nets.vae.encode(pixels)
-    return model.VAE_SCALE * (mean.float() + (0.5 * logvar.float()).exp() * xi)
-
-
-def encode_image(nets, image, generator):
-    """The latent of an image in [−1, 1] for sampling: `encode_pixels` with ξ drawn from the sampling generator, as
-    diffusers' pipelines draw it (retrieve_latents, sample_mode="sample"). Pixel-space models: the image itself."""
-    if nets.vae is None:
-        return image
-    xi = torch.randn((len(image), nets.vae.cfg.z_channels, *(s // 8 for s in image.shape[-2:])), generator=generator)
-    vae_device = next(nets.vae.parameters()).device
-    return encode_pixels(nets, to_net(nets.vae, image), xi.to(vae_device)).to(image.device)
-
-
-def decode_latents(nets, latents):
-    """Latents → uint8 [N, H, W, 3], one image at a time (bounded memory), rounded like diffusers' image processor:
-    round(clamp(x/2 + 1/2, 0, 1)·255)."""
-    images = []
-    for z in latents.split(1):
-        if nets.vae is not None:
-            z = nets.vae.decode(to_net(nets.vae, z / model.VAE_SCALE))
-        images.append(((z.float().cpu() * 0.5 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8))
-    return torch.cat(images).permute(0, 2, 3, 1).contiguous()
-
-
-def save_png(images, out, cols=None):
-    """Write uint8 [N, H, W, 3] images: to `out` itself when it ends in .png and N = 1; otherwise one PNG per image
-    (out/000.png … in a folder, or out-000.png … beside a .png path) plus a grid (out/grid.png or the .png path).
-    Returns the paths written."""
-    arrays = [im.cpu().numpy() for im in images]
-    if out.lower().endswith(".png") and len(arrays) == 1:
-        paths = [out]
-    elif out.lower().endswith(".png"):
-        paths = [f"{out[:-4]}-{i:03d}.png" for i in range(len(arrays))]
-    else:
-        paths = [os.path.join(out, f"{i:03d}.png") for i in range(len(arrays))]
-    os.makedirs(os.path.dirname(paths[0]) or ".", exist_ok=True)
-    for a, path in zip(arrays, paths):
-        Image.fromarray(a).save(path)
-    if len(arrays) > 1:
-        cols = cols or math.ceil(math.sqrt(len(arrays)))
-        rows = math.ceil(len(arrays) / cols)
-        h, w = arrays[0].shape[:2]
-        grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
-        for i, a in enumerate(arrays):
-            grid[i // cols * h:(i // cols + 1) * h, i % cols * w:(i % cols + 1) * w] = a
-        paths.append(out if out.lower().endswith(".png") else os.path.join(out, "grid.png"))
-        Image.fromarray(grid).save(paths[-1])
-    return paths
 
 
 def sample(args):
@@ -976,7 +856,7 @@ def sample(args):
                           prediction=args.prediction,
                           zero_terminal_snr=None if args.schedule is None else args.schedule == "zt",
                           image=args.image, mask=args.mask, strength=args.strength)
-        paths = save_png(images, args.out, cols=min(args.n, 4))
+        paths = data.save_png(images, args.out, cols=min(args.n, 4))
     except ValueError as e:                                # generate's checks of sizes, model and markers
         raise UserError(f"sample: {e}") from None
     except OSError as e:
