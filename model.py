@@ -844,6 +844,25 @@ def load(path, vae_path=None, ema=None, *, dtype=torch.float32, device="cpu", ve
     return SD(nets["unet"], nets["vae"], nets["text_encoder"], tokenizer, meta)
 
 
+def describe(nets):
+    """(label, text) rows of what a checkpoint `load`ed is: layout, variant, EMA, markers, dtypes, sizes, the keys it
+    ignored and its header metadata (`zd.py inspect`)."""
+    m = nets.meta
+    unmarked = " (unmarked: SD front-ends will sample it as ε-prediction)" if m["prediction"] is None else ""
+    rows = [("layout", f"{m['layout']}, {'inpainting (9-channel UNet)' if m['inpaint'] else 'base'}"
+                       f"{', pixel space (no VAE)' if m['pixel_space'] else ''}"),
+            ("EMA", "model_ema.* present, loaded by default" if m["ema_present"] else "no model_ema.* (one UNet)"),
+            ("markers", f"prediction {m['prediction']}, ztsnr {m['ztsnr']}{unmarked}"),
+            ("dtypes", ", ".join(m["dtypes"]))]
+    for name in ("unet", "vae", "text_encoder"):
+        if (net := getattr(nets, name)) is not None:
+            params = sum(p.numel() for p in net.parameters())
+            rows.append((name, f"{m['counts'][name]} tensors, {params:,} parameters, {net.cfg}"))
+    rows.append(("ignored", f"{len(m['ignored'])} keys" + (": " + listing(m["ignored"]) if m["ignored"] else "")))
+    return rows + [("metadata", f"{k} = {v if len(v) <= 100 else v[:100] + '…'}")
+                   for k, v in sorted(m["metadata"].items())]
+
+
 def v1_yaml(unet_cfg: UNetConfig, vae_cfg: VAEConfig, prediction):
     """CompVis configs/stable-diffusion/v1-inference.yaml (v1-inpainting-inference.yaml for 9 input channels) with
     this model's sizes and parameterization: the sidecar SD front-ends read to know how to sample a file."""
@@ -946,6 +965,43 @@ def atomic_write(path, write):
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
+
+
+def save_train_state(folder, meta, unet, ema, opt):
+    """What `zd.py train --resume` needs, never pickled: train_state.safetensors holds the UNet, the EMA and the AdamW
+    state flattened by parameter index (opt.{i}.exp_avg, opt.{i}.exp_avg_sq, opt.{i}.step), marked with meta["step"];
+    train_state.json holds `meta`. Each file is replaced atomically."""
+    tensors = {f"unet.{k}": v for k, v in unet.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    for i, state in opt.state_dict()["state"].items():
+        tensors.update({f"opt.{i}.{k}": torch.as_tensor(v) for k, v in state.items()})
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    path = Path(folder, "train_state.safetensors")
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"step": str(meta["step"])}))
+    atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
+
+
+def load_train_state(folder, unet, ema, opt):
+    """Restore what save_train_state wrote into the UNet, EMA and optimiser; returns its meta. ValueError when the two
+    files are from different steps (a run killed between writing them)."""
+    meta = json.loads(Path(folder, "train_state.json").read_text())
+    tensors, header = read_safetensors(Path(folder, "train_state.safetensors"))
+    if header["step"] != str(meta["step"]):
+        raise ValueError(f"{folder}/train_state.safetensors is from step {header['step']} but train_state.json from "
+                         f"step {meta['step']}: the run was killed while saving; its model files are whole, start anew")
+    part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    unet.load_state_dict(part("unet."))
+    ema.load_state_dict(part("ema."))
+    opt_state = opt.state_dict()
+    opt_state["state"] = {}
+    for k, v in part("opt.").items():
+        i, name = k.split(".")
+        opt_state["state"].setdefault(int(i), {})[name] = v
+    opt.load_state_dict(opt_state)
+    for p, state in opt.state.items():   # moments in the parameter's memory format (channels-last on GPUs): fused
+        for k in ("exp_avg", "exp_avg_sq"):     # AdamW needs the same strides, and the file holds them contiguous
+            state[k] = torch.empty_like(p).copy_(state[k])
+    return meta
 
 
 def expand_to_inpaint(unet: UNet) -> UNet:

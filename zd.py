@@ -34,8 +34,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
 import data  # noqa: E402
 import model  # noqa: E402
@@ -607,43 +606,20 @@ def write_file(path, write):
 
 
 def save_state(s, step, position, skipped, unet, ema, opt):
-    """What a resume needs, as safetensors (tensors) + JSON (step, data position, skipped steps, the settings); never
-    pickle. Optimiser state is flattened by parameter index: opt.{i}.exp_avg, opt.{i}.exp_avg_sq, opt.{i}.step.
-    There is no generator state to keep: every draw of the loop comes from generators seeded by (seed, step, sample
-    index) (sample_noise here, data.sample_rng for dropout, crops and masks): step and position are the whole of it."""
-    tensors = {f"unet.{k}": v for k, v in unet.state_dict().items()}
-    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
-    for i, state in opt.state_dict()["state"].items():
-        tensors.update({f"opt.{i}.{k}": torch.as_tensor(v) for k, v in state.items()})
-    path = Path(s.out, "train_state.safetensors")
-    write_file(path, lambda p: model.atomic_write(p, lambda tmp: save_file(
-        {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata={"step": str(step)})))
+    """The train state for --resume (model.save_train_state): the weights, EMA and AdamW moments, and the step, the
+    data position, the skipped steps and the settings. No generator state is kept: every draw of the loop comes from
+    generators seeded by (seed, step, sample index) (sample_noise here, data.sample_rng for dropout, crops and
+    masks), so step and position are the whole of it."""
     meta = dict(step=step, position=position, counters=dict(skipped=skipped), settings=dataclasses.asdict(s))
-    write_file(path.with_suffix(".json"), lambda p: model.atomic_write(
-        p, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1))))
+    write_file(os.path.join(s.out, "train_state.*"), lambda path: model.save_train_state(s.out, meta, unet, ema, opt))
 
 
 def load_state(out, unet, ema, opt):
-    """Restore what save_state wrote into the UNet, EMA and optimiser; returns (step, data position, skipped)."""
-    meta = json.loads(open(os.path.join(out, "train_state.json")).read())
-    path = os.path.join(out, "train_state.safetensors")
-    with safe_open(path, "pt") as f:
-        if f.metadata()["step"] != str(meta["step"]):
-            raise UserError(f"train: {path} is from step {f.metadata()['step']} but train_state.json from step "
-                            f"{meta['step']}: the run was killed while saving; its model files are whole, start anew")
-    tensors = load_file(path)
-    unet.load_state_dict({k[len("unet."):]: v for k, v in tensors.items() if k.startswith("unet.")})
-    ema.load_state_dict({k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")})
-    opt_state = opt.state_dict()
-    opt_state["state"] = {}
-    for k, v in tensors.items():
-        if k.startswith("opt."):
-            _, i, name = k.split(".")
-            opt_state["state"].setdefault(int(i), {})[name] = v
-    opt.load_state_dict(opt_state)
-    for p, state in opt.state.items():   # moments in the parameter's memory format (channels-last on GPUs): fused
-        for k in ("exp_avg", "exp_avg_sq"):     # AdamW needs the same strides, and the file holds them contiguous
-            state[k] = torch.empty_like(p).copy_(state[k])
+    """Restore what save_state wrote; returns (step, data position, skipped)."""
+    try:
+        meta = model.load_train_state(out, unet, ema, opt)
+    except ValueError as e:
+        raise UserError(f"train: {e}") from None
     return meta["step"], meta["position"], meta["counters"]["skipped"]
 
 
@@ -664,9 +640,9 @@ def sample_grid(s, step, ema, nets, log, stop):
 
 
 def demo_score(nets, prompts=DEMO_PROMPTS, n=8, seed=0):
-    """How much of its vocabulary the demo model draws: data.demo_judge of the samples of `zd.py sample --prompt P --n 8
-    --seed 0` (16×16, 25 trailing DDIM steps, CFG 3, rescale 0.7) of each prompt. Rows (prompt, colours wanted, got,
-    samples right, passed)."""
+    """How much of its vocabulary the demo model draws: data.demo_judge of the samples of `zd.py sample --prompt P
+    --n 8 --seed 0` (16×16, 25 trailing DDIM steps, CFG 3, rescale 0.7) of each prompt. Rows (prompt, colours wanted,
+    got, samples right, passed)."""
     return [(p, *data.demo_judge(p, generate(nets, [p] * n, steps=25, guidance=DEMO_CFG, seed=seed, width=16,
                                              height=16, progress=False))) for p in prompts]
 
@@ -1310,24 +1286,9 @@ def merge(args):
 
 def inspect_checkpoint(args):
     """What a checkpoint is, from its header alone: layout, variant, EMA, markers, dtypes, sizes, ignored keys."""
-    nets = load_model(args.path, "inspect", device="meta", verbose=False)
-    m = nets.meta
-    unmarked = " (unmarked: SD front-ends will sample it as ε-prediction)" if m["prediction"] is None else ""
-    row = lambda label, text: print(f"  {label:<13}{text}")
     print(args.path)
-    row("layout", f"{m['layout']}, {'inpainting (9-channel UNet)' if m['inpaint'] else 'base'}"
-                  f"{', pixel space (no VAE)' if m['pixel_space'] else ''}")
-    row("EMA", "model_ema.* present, loaded by default" if m["ema_present"] else "no model_ema.* (one UNet)")
-    row("markers", f"prediction {m['prediction']}, ztsnr {m['ztsnr']}{unmarked}")
-    row("dtypes", ", ".join(m["dtypes"]))
-    for name in ("unet", "vae", "text_encoder"):
-        net = getattr(nets, name)
-        if net is not None:
-            params = sum(p.numel() for p in net.parameters())
-            row(name, f"{m['counts'][name]} tensors, {params:,} parameters, {net.cfg}")
-    row("ignored", f"{len(m['ignored'])} keys" + (": " + model.listing(m["ignored"]) if m["ignored"] else ""))
-    for k, v in sorted(m["metadata"].items()):
-        row("metadata", f"{k} = {v if len(v) <= 100 else v[:100] + '…'}")
+    for label, text in model.describe(load_model(args.path, "inspect", device="meta", verbose=False)):
+        print(f"  {label:<13}{text}")
 
 
 def survey(args):
