@@ -5,6 +5,7 @@ transformers as oracles), and a test for each of the README's numbered pitfalls.
     ZD_FULL=1 python -m pytest -q test_zd.py     also the slow checks: full-size SD1.5 parity (≈ 10 GB RAM) and the
                                                  1500-step demo drawing its vocabulary (≈ 6 minutes in all)
 """
+import functools
 import io
 import json
 import math
@@ -682,6 +683,31 @@ def _readme_block(after):
     text = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
     text = text[text.index(after):]
     return text[text.index("```python\n") + 10:text.index("```\n", text.index("```python\n") + 10)]
+
+
+def test_readme_names_code_that_exists():
+    """The reading path holds: every `module.name` the README points a reader to (its "Reading the code" section and
+    the code columns of the recipe and sampling tables) is a function, class or constant of that file, and zd.py's
+    `train` starts within its first 200 lines."""
+    readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    reading = readme[readme.index("## Reading the code"):readme.index("\n## ", readme.index("## Reading the code"))]
+    code_cells, column = [], None
+    for line in readme.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")] if line.startswith("|") else None
+        column = None if cells is None else cells.index("code") if "code" in cells else column
+        if cells and column is not None:
+            code_cells.append(cells[column])
+    modules = {"zd": zd, "schedule": S, "data": data, "model": model}
+    named = set(re.findall(r"`((?:zd|schedule|data|model)\.(?!py`)[\w.]+)`", " ".join(code_cells)))
+    for item in re.split(r"\n\d\. ", reading)[1:]:   # "2. **`zd.py`, from the top:** … `sample_noise` …"
+        file = re.match(r"\*\*`(\w+)\.py", item)[1]
+        named |= {n if n.split(".")[0] in modules else f"{file}.{n}" for n in re.findall(r"`([A-Za-z_][\w.]*)`", item)
+                  if not n.endswith(".py")}
+    assert len(code_cells) > 12 and len(named) > 30
+    for name in named:
+        module, *path = name.split(".")
+        assert functools.reduce(getattr, path, modules[module]) is not None, name
+    assert zd.train.__code__.co_firstlineno <= 200
 
 
 def test_readme_snippet_runs_verbatim(tmp_path, monkeypatch):
@@ -2064,8 +2090,8 @@ def test_img2img_matches_diffusers_truncation_and_start(zt_sd, steps, strength):
 
 
 def test_sample_cli_writes_pngs(zt_sd, tmp_path, capsys):
-    """`zd.py sample` = generate() + data.save_png: one .png, or a folder with one PNG per image and grid.png; a prompt over
-    75 tokens is truncated with a warning."""
+    """`zd.py sample` = generate() + data.save_png: one .png, or a folder with one PNG per image and grid.png; a
+    prompt over 75 tokens is truncated with a warning."""
     folder, _ = zt_sd("base")
     long_prompt = "a red fox " * 30
     args = ["sample", "--model", str(folder), "--prompt", long_prompt, "--steps", "2", "--width", "64", "--height",
