@@ -1,4 +1,5 @@
-"""data.py — files → buckets → batches of pixels, captions and inpainting masks for `zd.py train`.
+"""data.py — files → buckets → batches of pixels, captions and inpainting masks for `zd.py train`; also the images in
+and out of `zd.py sample` (image_tensor, mask_tensor, save_png) and the judge of the demo's samples (demo_judge).
 
 Sources
   folder   a directory, searched recursively for .jpg .jpeg .png .webp .bmp. The caption of a/b.jpg is a/b.txt,

@@ -1,5 +1,5 @@
 """Stable Diffusion 1.5 from scratch: UNet, VAE (AutoencoderKL), CLIP ViT-L/14 text encoder and its BPE tokenizer,
-plus safetensors loading and saving.
+plus safetensors loading and saving of checkpoints and of the train state.
 
 The checkpoint is the spec: every module attribute path equals the single-file (LDM) key minus its prefix
 (UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX), so loading is a rename-free strict load and saving writes the same names.
