@@ -589,17 +589,21 @@ def save(s, step, position, skipped, unet, ema, opt, nets):
     """model.safetensors and model_ema.safetensors (single files marked v/ZT with sidecar yamls, as SD1.5 tools load
     them), then the train state for --resume. Returns the step saved."""
     for name, net in (("model", unet), ("model_ema", ema)):
-        write_file(os.path.join(s.out, f"{name}.safetensors"), lambda path: model.save(
-            path, net, nets.text_encoder, nets.vae, half=s.half, prediction=s.prediction, ztsnr=s.schedule == "zt",
-            extra_metadata={"zd.train.step": str(step), "zd.train.weights": "ema" if net is ema else "raw"}))
+        path = os.path.join(s.out, f"{name}.safetensors")
+        with writing(path):
+            model.save(path, net, nets.text_encoder, nets.vae, half=s.half, prediction=s.prediction,
+                       ztsnr=s.schedule == "zt",
+                       extra_metadata={"zd.train.step": str(step), "zd.train.weights": "ema" if net is ema else "raw"})
     save_state(s, step, position, skipped, unet, ema, opt)
     return step
 
 
-def write_file(path, write):
-    """write(path), which replaces the file atomically; a full disk leaves the previous file whole and says so."""
+@contextlib.contextmanager
+def writing(path):
+    """Around a write that replaces `path` atomically (model.atomic_write): a full disk leaves the previous file whole
+    and says so in one line."""
     try:
-        write(path)
+        yield
     except OSError as e:
         raise UserError(f"cannot write {path} ({e.strerror}); the previous file is intact: free space or choose "
                         "another folder, then --resume") from None
@@ -611,7 +615,8 @@ def save_state(s, step, position, skipped, unet, ema, opt):
     generators seeded by (seed, step, sample index) (sample_noise here, data.sample_rng for dropout, crops and
     masks), so step and position are the whole of it."""
     meta = dict(step=step, position=position, counters=dict(skipped=skipped), settings=dataclasses.asdict(s))
-    write_file(os.path.join(s.out, "train_state.*"), lambda path: model.save_train_state(s.out, meta, unet, ema, opt))
+    with writing(os.path.join(s.out, "train_state.*")):
+        model.save_train_state(s.out, meta, unet, ema, opt)
 
 
 def load_state(out, unet, ema, opt):
@@ -1259,8 +1264,8 @@ def convert(args):
             raise UserError(f"convert: --inpaint needs a 4-channel UNet, {args.input} has {unet.cfg.in_channels}")
         unet = model.expand_to_inpaint(unet)
     prediction, ztsnr = markers_for(args, nets.meta)
-    write_file(args.output, lambda path: model.save(path, unet, nets.text_encoder, nets.vae, half=args.half,
-                                                    prediction=prediction, ztsnr=ztsnr))
+    with writing(args.output):
+        model.save(args.output, unet, nets.text_encoder, nets.vae, half=args.half, prediction=prediction, ztsnr=ztsnr)
     print(f"wrote {args.output} ({'fp16' if args.half else 'fp32'}, {unet.cfg.in_channels}-channel UNet, "
           f"prediction {prediction}, ztsnr {ztsnr})")
 
@@ -1278,9 +1283,9 @@ def merge(args):
             except ValueError as e:
                 raise UserError(f"merge: {e}; A, B and C must be SD1.5-family models of the same sizes") from None
     prediction, ztsnr = markers_for(args, b.meta)
-    write_file(args.output, lambda path: model.save(
-        path, a.unet, a.text_encoder, a.vae, half=args.half, prediction=prediction, ztsnr=ztsnr,
-        extra_metadata={"zd.merge": f"{args.a} + {args.alpha} * ({args.b} - {args.c})"}))
+    with writing(args.output):
+        model.save(args.output, a.unet, a.text_encoder, a.vae, half=args.half, prediction=prediction, ztsnr=ztsnr,
+                   extra_metadata={"zd.merge": f"{args.a} + {args.alpha} * ({args.b} - {args.c})"})
     print(f"wrote {args.output}: A + {args.alpha}·(B − C), prediction {prediction}, ztsnr {ztsnr}")
 
 
