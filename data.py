@@ -227,11 +227,7 @@ def image_tensor(image, width, height):
     """A path, PIL image or tensor → [1, 3, H, W] in [−1, 1]; PIL images resized with Lanczos, as diffusers does."""
     if isinstance(image, torch.Tensor):
         return image.reshape(-1, 3, *image.shape[-2:]).float()
-    img = Image.open(image) if isinstance(image, (str, os.PathLike)) else image
-    img = img.convert("RGB")
-    if img.size != (width, height):
-        img = img.resize((width, height), Image.LANCZOS)
-    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None] * 2 - 1
+    return _sampler_pixels(image, "RGB", width, height).permute(2, 0, 1)[None] * 2 - 1
 
 
 def mask_tensor(mask, width, height):
@@ -239,11 +235,16 @@ def mask_tensor(mask, width, height):
     if isinstance(mask, torch.Tensor):
         m = mask.reshape(-1, 1, *mask.shape[-2:]).float()
     else:
-        img = (Image.open(mask) if isinstance(mask, (str, os.PathLike)) else mask).convert("L")
-        if img.size != (width, height):
-            img = img.resize((width, height), Image.LANCZOS)
-        m = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255)[None, None]
+        m = _sampler_pixels(mask, "L", width, height)[None, None]
     return (m >= 0.5).float()
+
+
+def _sampler_pixels(src, mode, width, height):
+    """A path or PIL image in PIL `mode` at width × height (Lanczos), as float32 in [0, 1]: [H, W, 3] or [H, W]."""
+    img = (Image.open(src) if isinstance(src, (str, os.PathLike)) else src).convert(mode)
+    if img.size != (width, height):
+        img = img.resize((width, height), Image.Resampling.LANCZOS)
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255)
 
 
 def save_png(images, out, cols=None):
