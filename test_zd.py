@@ -32,6 +32,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import bench
+import check
 import data
 import model
 import schedule as S
@@ -577,17 +578,17 @@ def test_check_diffusers(capsys):
 def test_tolerances_separate_float32_noise_from_mistakes():
     """float32 tolerances: correct float32 code (the recipe in float32, and diffusers where it is right) stays below
     a quarter of them; every known mistake, wherever it changes a quantity, exceeds them 500-fold or more."""
-    v, _ = zd.golden()
+    v, _ = check.golden()
     ratio = lambda ref, x, tol: ((x.double() - ref).abs() / (tol[1] + tol[0] * ref.abs())).nan_to_num(math.inf).max()
     correct, mistakes = [], []
     for pred in ("v", "eps"):
-        for _, _, name, sel, call, _ in zd.check_cases(v, pred):
+        for _, _, name, sel, call, _ in check.check_cases(v, pred):
             ref = v[name] if sel is None else v[name][sel]
-            tol = zd.tolerances(name, ref)["float32"]
+            tol = check.tolerances(name, ref)["float32"]
             for obj in (Recipe32(), Diffusers(), DiffusersEps()):
                 obj.prediction = pred
                 got = torch.as_tensor(call(obj)).reshape(ref.shape)
-                if zd.compare(ref, got.double(), [1e-3, 1e-3])[0]:             # where diffusers is right
+                if check.compare(ref, got.double(), [1e-3, 1e-3])[0]:             # where diffusers is right
                     correct.append(ratio(ref, got, tol) if tol != [0, 0] else 0)
             for k in [k for k in v if k.startswith("mistake.") and k.endswith("." + name)]:
                 m = v[k] if sel is None else v[k][sel]
@@ -660,10 +661,10 @@ def test_check_cli_exit_status_and_table(tmp_path):
 
 
 def test_drawn_feeds_a_step_that_draws_its_own_noise():
-    """zd.drawn: torch.randn_like gives ε then ξ, torch.randint gives t, so a training step that draws its own noise
+    """check.drawn: torch.randn_like gives ε then ξ, torch.randint gives t, so a training step that draws its own noise
     (here diffusers' train_text_to_image with --input_perturbation 0.1) reproduces forward.x_t; torch is restored."""
     sched = DDPMScheduler(**SD15, rescale_betas_zero_snr=True, prediction_type="v_prediction")
-    with zd.drawn() as v:
+    with check.drawn() as v:
         latents = v["forward.x0"].float()
         noise = torch.randn_like(latents)
         new_noise = noise + 0.1 * torch.randn_like(noise)
@@ -673,7 +674,7 @@ def test_drawn_feeds_a_step_that_draws_its_own_noise():
             torch.randn(6, 4, 8, 8)
     assert torch.equal(timesteps, v["forward.t"]) and noise.dtype == torch.float32
     torch.testing.assert_close(x_t.double(), v["forward.x_t"], rtol=1e-5, atol=1e-5)
-    with zd.drawn(), pytest.raises(RuntimeError, match=r"shape \[2, 4, 8, 8\]; the vectors hold \[6, 4, 8, 8\]"):
+    with check.drawn(), pytest.raises(RuntimeError, match=r"shape \[2, 4, 8, 8\]; the vectors hold \[6, 4, 8, 8\]"):
         torch.randn((2, 4, 8, 8))
     assert torch.randn(3).shape == (3,) and torch.randint(0, 5, (2,)).shape == (2,)
 
@@ -697,8 +698,8 @@ def test_readme_names_code_that_exists():
         column = None if cells is None else cells.index("code") if "code" in cells else column
         if cells and column is not None:
             code_cells.append(cells[column])
-    modules = {"zd": zd, "schedule": S, "data": data, "model": model}
-    named = set(re.findall(r"`((?:zd|schedule|data|model)\.(?!py`)[\w.]+)`", " ".join(code_cells)))
+    modules = {"zd": zd, "schedule": S, "data": data, "model": model, "check": check}
+    named = set(re.findall(r"`((?:zd|schedule|data|model|check)\.(?!py`)[\w.]+)`", " ".join(code_cells)))
     for item in re.split(r"\n\d\. ", reading)[1:]:   # "2. **`zd.py`, from the top:** … `sample_noise` …"
         file = re.match(r"\*\*`(\w+)\.py", item)[1]
         named |= {n if n.split(".")[0] in modules else f"{file}.{n}" for n in re.findall(r"`([A-Za-z_][\w.]*)`", item)
@@ -708,6 +709,16 @@ def test_readme_names_code_that_exists():
         module, *path = name.split(".")
         assert functools.reduce(getattr, path, modules[module]) is not None, name
     assert zd.train.__code__.co_firstlineno <= 200
+
+
+def test_check_imports_only_schedule():
+    """check.py stands alone for a trainer author's test suite: importing it loads schedule.py, torch and safetensors,
+    and none of zd, model, data, PIL or tokenizers (nor zd's OMP_WAIT_POLICY)."""
+    code = ("import os, sys; os.environ.pop('OMP_WAIT_POLICY', None); import check; "
+            "print(sorted({'zd', 'model', 'data', 'bench', 'PIL', 'tokenizers'} & set(sys.modules)), "
+            "'schedule' in sys.modules, os.environ.get('OMP_WAIT_POLICY'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["[]", "True", "None"]
 
 
 def test_readme_snippet_runs_verbatim(tmp_path, monkeypatch):
