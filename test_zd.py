@@ -225,12 +225,33 @@ def test_ddim_loop_matches_diffusers(pred, zt, spacing, n):
     abar = S.alphas_cumprod(S.betas(zt))
     ts = S.timesteps(n, spacing)
     assert ts.tolist() == ref.timesteps.tolist()
-    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    x_ref, x = x0.clone(), x0.double()
-    for i, t in enumerate(ts.tolist()):
+    x_ref = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    x = zd.ddim(_fake_model, x_ref.double(), ts, abar, pred)
+    for t in ts.tolist():
         x_ref = ref.step(_fake_model(x_ref, t), t, x_ref).prev_sample
-        x = S.ddim_step(x, _fake_model(x, t), abar[t], S.abar_at(abar, S.prev_timestep(ts, i)), pred)
     torch.testing.assert_close(x.float(), x_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_ddim_steps_the_golden_rows():
+    """zd.ddim, the loop `generate` runs, against check.golden's DDIM rows (the first, second and last step of N = 10,
+    13, 25, 50 on the ZT schedule): started at a row's t with the row's x_t and model output, its first step lands on
+    the row's x_prev — the model's input at the list's next t (922 after 999 for N = 13, pitfall 6), or x̂0 after the
+    last. ε rows at t = 999 are the undefined step of pitfall 7."""
+    v, _ = check.golden()
+    for p in ("v", "eps"):
+        for r, (n, t) in enumerate(zip(v["ddim.n"].tolist(), v["ddim.t"].tolist())):
+            if p == "eps" and t == 999:
+                continue
+            ts = S.timesteps(n)
+            inputs = []
+
+            def denoise(x, t):
+                inputs.append(x)
+                return v["ddim.model_output"][r:r + 1] if len(inputs) == 1 else torch.zeros_like(x)
+
+            out = zd.ddim(denoise, v["ddim.x_t"][r:r + 1], ts[ts.tolist().index(t):], ZT, p)
+            x_prev = inputs[1] if len(inputs) > 1 else out
+            torch.testing.assert_close(x_prev, v[f"ddim.x_prev.{p}"][r:r + 1], rtol=1e-12, atol=1e-12)
 
 
 def test_ddim_last_step_returns_x0():

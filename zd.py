@@ -697,25 +697,13 @@ def demo(args):
 # zd.py sample: DDIM (η = 0) on trailing timesteps with CFG rescale — the sampler a zero-terminal-SNR v model needs
 
 @torch.no_grad()
-def ddim(nets, x, context, ts, abar, prediction, guidance=7.5, rescale=0.7, known=None, progress=False):
-    """Deterministic DDIM, η = 0 (Song et al. 2021, eq. 12), from x at ts[0] down the list ts (trailing spacing starts
-    at t = 999, Lin et al. 2023, Table 2): at each t the UNet's output on [uncond; cond] is guided and rescaled
-    (Lin et al. 2023, Alg. 2) and x steps to the next t of the list, ᾱ_prev = 1 after the last (the step returns x̂0).
-    `known`: the inpainting UNet's extra input channels, [mask (1), masked-image latent (4)]."""
-    start = time.time()
-    for i, t in enumerate(ts.tolist()):
-        x_in = x if known is None else torch.cat([x, known], dim=1)
-        x_in = torch.cat([x_in, x_in]) if guidance > 1 else x_in      # guidance ≤ 1: the conditional pass alone
-        out = nets.unet(model.to_net(nets.unet, x_in), torch.full((len(x_in),), t, device=x.device),
-                        model.to_net(nets.unet, context)).float()
-        if guidance > 1:
-            out = S.guidance(*out.chunk(2), guidance, rescale)        # on the raw model output (v or ε)
-        x = S.ddim_step(x, out, abar[t], S.abar_at(abar, S.prev_timestep(ts, i)), prediction)
-        if progress:
-            print(f"\rsampling: step {i + 1}/{len(ts)}  t={t:3d}  {time.time() - start:5.1f}s", end="", file=sys.stderr,
-                  flush=True)
-    if progress:
-        print(file=sys.stderr)
+def ddim(denoise, x, timesteps, abar, prediction):
+    """Deterministic DDIM, η = 0 (Song et al. 2021, eq. 12), from x at timesteps[0] down the list: at each t the model
+    output denoise(x, t) (v or ε, as `prediction` says) steps x to the next t of the list, ᾱ_prev = 1 after the last,
+    where the step returns x̂0 (trailing spacing starts at t = 999, Lin et al. 2023, Table 2). Guidance, the inpainting
+    input and the network live in `denoise`, as in k-diffusion's samplers."""
+    for i, t in enumerate(timesteps.tolist()):
+        x = S.ddim_step(x, denoise(x, t), abar[t], S.abar_at(abar, S.prev_timestep(timesteps, i)), prediction)
     return x
 
 
@@ -785,7 +773,22 @@ def generate(nets, prompts, *, negative="", steps=25, guidance=7.5, rescale=0.7,
             # the image noised to the first step's ᾱ, x_t = √ᾱ·x0 + √(1−ᾱ)·ε (Ho et al. 2020, eq. 4); an inpainting
             # model at strength 1 starts from pure noise, as diffusers' inpainting pipeline does
             x = S.add_noise(latent(image).expand_as(noise), noise, abar[ts[0]])
-    x = ddim(nets, x, context, ts, abar, pred, guidance, rescale, known, progress and sys.stderr.isatty())
+    progress = progress and sys.stderr.isatty()
+    start, listed = time.time(), ts.tolist()
+
+    def denoise(x, t):   # the UNet's output at t: on [uncond; cond], guided and rescaled (Lin et al. 2023, Alg. 2)
+        x_in = x if known is None else torch.cat([x, known], dim=1)
+        x_in = torch.cat([x_in, x_in]) if guided else x_in
+        out = nets.unet(model.to_net(nets.unet, x_in), torch.full((len(x_in),), t, device=x.device),
+                        model.to_net(nets.unet, context)).float()
+        if progress:
+            print(f"\rsampling: step {listed.index(t) + 1}/{len(ts)}  t={t:3d}  {time.time() - start:5.1f}s", end="",
+                  file=sys.stderr, flush=True)
+        return S.guidance(*out.chunk(2), guidance, rescale) if guided else out    # on the raw model output (v or ε)
+
+    x = ddim(denoise, x, ts, abar, pred)
+    if progress:
+        print(file=sys.stderr)
     return nets.decode(x)
 
 
