@@ -948,6 +948,17 @@ def test_inpaint_masks():
     assert 0 < min(partial) and max(partial) < 1  # strokes and boxes: some, never all, of the image
 
 
+def test_inpaint_input_is_sd_inpaintings_nine_channels():
+    """zd.inpaint_input, which train and generate both call: [x_t, the mask nearest-downsampled (each 8×8 block's
+    top-left pixel), the masked image's latent], SD-inpainting's order; one image's mask and latent serve a batch."""
+    x_t, masked = torch.randn(3, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    mask = (torch.rand(1, 1, 64, 64, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    out = zd.inpaint_input(x_t, mask, masked)
+    assert out.shape == (3, 9, 8, 8) and torch.equal(out[:, :4], x_t)
+    assert torch.equal(out[:, 4:5], mask[..., ::8, ::8].expand(3, -1, -1, -1))
+    assert torch.equal(out[:, 5:], masked.expand(3, -1, -1, -1))
+
+
 # Robustness: files the tests write themselves.
 
 def _data_bomb_png(w, h):

@@ -253,10 +253,9 @@ def train(args):
                 context = encode_captions(nets, batch["captions"], text_cache, s.text_cache)
                 x_t, target, weight = recipe_inputs(x0, noise, ip_noise, t, abar, snr, s.prediction, s.min_snr_gamma,
                                                     s.ip_noise_gamma)
-                if s.inpaint:  # [x_t, mask, masked-image latent], the mask nearest-downsampled
-                    mask = F.interpolate(to_device(batch["mask"], device), size=x_t.shape[-2:], mode="nearest")
+                if s.inpaint:
                     masked = nets.encode(to_device(batch["masked_pixels"], device), xi_masked)
-                    x_t = torch.cat([x_t, mask, masked], dim=1)
+                    x_t = inpaint_input(x_t, to_device(batch["mask"], device), masked)
                 if cuda:
                     x_t = x_t.contiguous(memory_format=torch.channels_last)
                 last = micro == s.grad_accum - 1
@@ -467,6 +466,14 @@ def recipe_inputs(x0, noise, ip_noise, t, abar, snr, prediction="v", min_snr_gam
     target = S.target(x0, noise, abar[t], prediction)
     weight = S.min_snr_weight(snr[t], min_snr_gamma, prediction) if min_snr_gamma else torch.ones_like(snr[t])
     return x_t, target, weight.float()
+
+
+def inpaint_input(x_t, mask, masked):
+    """The inpainting UNet's input, SD-inpainting's channel order: [x_t (4), mask (1, white = 1 = repaint), the masked
+    image's latent (4)] — 3 + 1 + 3 in pixel space. The mask, at image size, is nearest-downsampled to x_t's; a mask
+    and latent of batch 1 serve every row of x_t."""
+    mask = F.interpolate(mask, size=x_t.shape[-2:], mode="nearest")
+    return torch.cat([x_t, *(a.expand(len(x_t), -1, -1, -1) for a in (mask, masked))], dim=1)
 
 
 def to_device(x, device):
@@ -757,7 +764,7 @@ def generate(nets, prompts, *, negative="", steps=25, guidance=7.5, rescale=0.7,
     noise = torch.randn((n, channels, height // f, width // f), generator=generator).to(device)
     guided = guidance > 1                                 # as diffusers: guidance ≤ 1 runs the conditional pass alone
     context = nets.encode_prompts((negatives if guided else []) + prompts, device)    # [uncond; cond]
-    x, known = noise, None
+    x, known = noise, None                                # known: the inpainting input's (mask, masked latent)
 
     def latent(image):   # the VAE posterior's noise from the generator, after the initial noise, as diffusers draws it
         shape = (len(image), 4, *(side // 8 for side in image.shape[-2:]))
@@ -767,8 +774,7 @@ def generate(nets, prompts, *, negative="", steps=25, guidance=7.5, rescale=0.7,
         image = data.image_tensor(image, width, height).to(device)
         if inpaint:
             m = data.mask_tensor(mask, width, height).to(device)
-            masked = latent(image * (m < 0.5))        # the SD-inpainting masked image
-            known = torch.cat([F.interpolate(m, size=noise.shape[-2:]), masked], dim=1).expand(n, -1, -1, -1)
+            known = m, latent(image * (m < 0.5))      # the SD-inpainting masked image
         if not inpaint or strength < 1:
             # the image noised to the first step's ᾱ, x_t = √ᾱ·x0 + √(1−ᾱ)·ε (Ho et al. 2020, eq. 4); an inpainting
             # model at strength 1 starts from pure noise, as diffusers' inpainting pipeline does
@@ -777,7 +783,7 @@ def generate(nets, prompts, *, negative="", steps=25, guidance=7.5, rescale=0.7,
     start, listed = time.time(), ts.tolist()
 
     def denoise(x, t):   # the UNet's output at t: on [uncond; cond], guided and rescaled (Lin et al. 2023, Alg. 2)
-        x_in = x if known is None else torch.cat([x, known], dim=1)
+        x_in = x if known is None else inpaint_input(x, *known)
         x_in = torch.cat([x_in, x_in]) if guided else x_in
         out = nets.unet(model.to_net(nets.unet, x_in), torch.full((len(x_in),), t, device=x.device),
                         model.to_net(nets.unet, context)).float()
