@@ -66,7 +66,6 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SHARD_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # PIL's own bomb threshold (≈89 Mpx): larger headers are refused, never decoded
-DEMO_BUCKETS = dict(bucket_area=32 * 32, bucket_min=24, bucket_max=40, bucket_step=8)  # → 24×40, 32×32, 40×24
 WARN_LIMIT = 20  # bad files named one by one; past this they are only counted (Loader.stats)
 SIDECARS = (".txt", ".caption", ".json")
 SCORE_KEYS = (("aesthetic_score", "aesthetic"), ("pwatermark",), ("punsafe",))  # json keys of the scores, lower case
@@ -280,8 +279,8 @@ class DemoSource:
     37% of all) and simple shapes on a background (the other half), 64–96 px at five aspect ratios, with captions like
     "a red circle on a black background". The demo's point is that a v/zero-terminal-SNR model reaches true black and
     white and an SD1.5-schedule ε model cannot; half the set is shapes so that a small model also learns every colour
-    as a shape and as a background in a few minutes. Synthetic, so exempt from the min_side filter; use with
-    Loader(..., **DEMO_BUCKETS)."""
+    as a shape and as a background in a few minutes. Synthetic, so exempt from the min_side filter. The demo trains
+    on them at 16×16 (zd.DEMO's one bucket), each resized to cover it and centre-cropped."""
 
     def __init__(self, n=2048, seed=0):
         self.n, self.seed = n, seed

@@ -784,7 +784,9 @@ def test_cli_help_lists_every_subcommand():
 
 # ---- data.py: sources, buckets, crops, dropout, masks ----
 
-TINY = data.DEMO_BUCKETS  # 24×40, 32×32, 40×24: small enough that a test decodes thousands of images in seconds
+# Three buckets of ≈32² (24×40, 32×32, 40×24) for DemoSource's 64–96 px images: small enough that a test decodes
+# thousands of images in seconds, and more than one, so that batches come from several buckets.
+TINY = dict(bucket_area=32 * 32, bucket_min=24, bucket_max=40, bucket_step=8)
 
 
 def _data_png(size=(8, 8), colour=(200, 30, 30)):

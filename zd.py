@@ -433,14 +433,14 @@ def make_loader(s, rank, world, cuda):
         raise UserError(f"train: {e}") from None
 
 
-def get_lr(step, lr, warmup, steps, schedule="constant"):
+def get_lr(step, lr, warmup, steps, lr_schedule="constant"):
     """Linear warm-up over `warmup` steps, then constant, or a cosine to 0 at `steps` (Loshchilov & Hutter 2017)."""
     if step < warmup:
         return lr * (step + 1) / warmup
-    if schedule == "constant":
+    if lr_schedule == "constant":
         return lr
-    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
-    return lr * 0.5 * (1 + math.cos(math.pi * progress))
+    done = min(1.0, (step - warmup) / max(1, steps - warmup))    # the decay's fraction gone by
+    return lr * 0.5 * (1 + math.cos(math.pi * done))
 
 
 def sample_noise(seed, micro_step, index, shape, inpaint=False):
@@ -866,7 +866,7 @@ def image_size(path):
 # ---------------------------------------------------------------------------------------------------------------------
 # zd.py schedule / vectors / check: the diffusion math as a table to read, as golden vectors, and checked in others
 
-def schedule(args):
+def schedule_table(args):
     """Print the noise schedule as a table to check against the papers (or all 1000 rows as CSV)."""
     b = S.betas(zero_terminal_snr=not args.no_zt)
     abar = S.alphas_cumprod(b)
@@ -1175,7 +1175,7 @@ def parser():
     s.set_defaults(func=sample)
 
     s = sub.add_parser("schedule", help="print the noise schedule (β, ᾱ, SNR, loss weights) and the sampling timesteps",
-                       description=schedule.__doc__)
+                       description=schedule_table.__doc__)
     s.add_argument("--steps", type=at_least(1), default=10, help="number of sampling steps (default 10)")
     s.add_argument("--spacing", choices=("trailing", "leading", "linspace"), default="trailing",
                    help="sampling timestep spacing (default trailing, Lin et al. 2023 Table 2)")
@@ -1185,7 +1185,7 @@ def parser():
     s.add_argument("--gamma", type=at_least(0, float), default=5.0, help="min-SNR γ for the weight column (default 5)")
     s.add_argument("--all", action="store_true", help="print all 1000 timesteps")
     s.add_argument("--csv", action="store_true", help="all 1000 rows as CSV, full precision")
-    s.set_defaults(func=schedule)
+    s.set_defaults(func=schedule_table)
 
     s = sub.add_parser("vectors", help="write golden test vectors to check another trainer's math against",
                        description=vectors.__doc__)
