@@ -158,21 +158,30 @@ def to_rgb(img):
     return img if img.mode == "RGB" else img.convert("RGB")  # convert() would copy even an RGB image
 
 
+def open_upright(src, cover=None):
+    """The one way zd opens an image for its pixels, in training (load_image) and in the sampler (image_tensor,
+    mask_tensor): open_image's checked header, then the pixels turned upright as the EXIF orientation tag says (a
+    phone stores a portrait photo sideways and tags it so). With cover = (W, H), a JPEG is decoded at 1/2, 1/4 or 1/8
+    in the DCT domain when that still covers W × H upright."""
+    img = open_image(src)
+    try:
+        if cover and img.format == "JPEG":
+            w, h = upright_size(img)
+            scale = max(cover[0] / w, cover[1] / h)
+            img.draft("RGB", (math.ceil(img.width * scale), math.ceil(img.height * scale)))
+        ImageOps.exif_transpose(img, in_place=True)
+    except Exception as e:  # truncated or corrupt data surfaces only now, when the pixels are decoded
+        raise BadImage("corrupt", f"{type(e).__name__}: {e}")
+    return img
+
+
 def load_image(src, size, u=0.5, v=0.5):
     """Decode `src` upright in RGB, resized to cover size = (W, H) with its aspect kept and the excess cropped at
     fraction (u, v) of the slack ((0.5, 0.5) = centre). Cropping in source coordinates before resampling (resize's
     `box`) gives the same pixels as resize-then-crop without the 768000×384 intermediate a 20000×10 image would need."""
-    if isinstance(src, tuple):
-        img = demo_sample(src[1], src[2])[0]
-    else:
-        img = open_image(src)
+    img = demo_sample(src[1], src[2])[0] if isinstance(src, tuple) else open_upright(src, cover=size)
     bw, bh = size
     try:
-        w, h = upright_size(img)
-        scale = max(bw / w, bh / h)
-        if img.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 in the DCT domain, never below the size needed
-            img.draft("RGB", (math.ceil(img.width * scale), math.ceil(img.height * scale)))
-        ImageOps.exif_transpose(img, in_place=True)
         img = to_rgb(img)
         w, h = img.size
         scale = max(bw / w, bh / h)
@@ -226,7 +235,7 @@ def image_tensor(image, width, height):
     """A path, PIL image or tensor → [1, 3, H, W] in [−1, 1]; PIL images resized with Lanczos, as diffusers does."""
     if isinstance(image, torch.Tensor):
         return image.reshape(-1, 3, *image.shape[-2:]).float()
-    return _sampler_pixels(image, "RGB", width, height).permute(2, 0, 1)[None] * 2 - 1
+    return _sampler_pixels(image, to_rgb, width, height).permute(2, 0, 1)[None] * 2 - 1
 
 
 def mask_tensor(mask, width, height):
@@ -234,13 +243,14 @@ def mask_tensor(mask, width, height):
     if isinstance(mask, torch.Tensor):
         m = mask.reshape(-1, 1, *mask.shape[-2:]).float()
     else:
-        m = _sampler_pixels(mask, "L", width, height)[None, None]
+        m = _sampler_pixels(mask, lambda img: img.convert("L"), width, height)[None, None]
     return (m >= 0.5).float()
 
 
-def _sampler_pixels(src, mode, width, height):
-    """A path or PIL image in PIL `mode` at width × height (Lanczos), as float32 in [0, 1]: [H, W, 3] or [H, W]."""
-    img = (Image.open(src) if isinstance(src, (str, os.PathLike)) else src).convert(mode)
+def _sampler_pixels(src, convert, width, height):
+    """A path (opened upright, as training opens it) or PIL image, converted (RGB or L) and resized to width × height
+    (Lanczos), as float32 in [0, 1]: [H, W, 3] or [H, W]."""
+    img = convert(open_upright(src) if isinstance(src, (str, os.PathLike)) else src)
     if img.size != (width, height):
         img = img.resize((width, height), Image.Resampling.LANCZOS)
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255)

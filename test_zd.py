@@ -2153,6 +2153,28 @@ def test_sample_cli_writes_pngs(zt_sd, tmp_path, capsys):
     assert np.asarray(Image.open(tmp_path / "many" / "grid.png")).shape == (64, 128, 3)
 
 
+def test_sample_image_honours_exif_orientation_as_training_does(zt_sd, tmp_path, monkeypatch):
+    """`zd.py sample --image` opens a phone photo as training does (data.open_upright): a JPEG stored 128×64 with EXIF
+    orientation 6 is the 64×128 picture it displays as, in the output's size and in the pixels the sampler encodes,
+    which are training's load_image of it."""
+    stored = Image.new("RGB", (128, 64), (255, 0, 0))
+    stored.paste((0, 0, 255), (64, 0, 128, 64))                   # stored: left red, right blue
+    exif = Image.Exif()
+    exif[0x0112] = 6                                              # displayed rotated 90° clockwise: red on top
+    path = str(tmp_path / "phone.jpg")
+    stored.save(path, "JPEG", exif=exif, quality=95)
+    seen, image_tensor = [], data.image_tensor
+    monkeypatch.setattr(data, "image_tensor", lambda *a: seen.append(image_tensor(*a)) or seen[-1])
+    folder, _ = zt_sd("base")
+    zd.main(["sample", "--model", str(folder), "--image", path, "--prompt", "x", "--steps", "5", "--device", "cpu",
+             "--out", str(tmp_path / "out.png")])
+    assert np.asarray(Image.open(tmp_path / "out.png")).shape == (128, 64, 3)
+    pixels = seen[0][0]                                           # [3, H, W] in [−1, 1]
+    assert pixels.shape == (3, 128, 64) and pixels[0, :56].min() > 0.6 and pixels[2, -56:].min() > 0.6
+    trained = torch.from_numpy(np.asarray(data.load_image(path, (64, 128)), dtype=np.float32)).permute(2, 0, 1)
+    torch.testing.assert_close(pixels, trained / 255 * 2 - 1)
+
+
 # ---- zd.py train -------------------------------------------------------------------------------------------------------
 
 # A few tiny demo steps: batch 4 of 16–32 px images, no data workers, no sample grids.

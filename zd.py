@@ -847,7 +847,7 @@ def sample(args):
                           zero_terminal_snr=None if args.schedule is None else args.schedule == "zt",
                           image=args.image, mask=args.mask, strength=args.strength)
         paths = data.save_png(images, args.out, cols=min(args.n, 4))
-    except ValueError as e:                                # generate's checks of sizes, model and markers
+    except (ValueError, data.BadImage) as e:               # generate's checks of sizes, model, markers and images
         raise UserError(f"sample: {e}") from None
     except OSError as e:
         raise UserError(f"sample: cannot write {e.filename or args.out} ({e.strerror}); choose another --out") from None
@@ -856,10 +856,11 @@ def sample(args):
 
 
 def image_size(path):
+    """(w, h) of an image file as it is displayed and as the sampler reads it, its EXIF orientation applied."""
     try:
-        with Image.open(path) as img:
-            return img.size
-    except (OSError, ValueError) as e:
+        with data.open_image(path) as img:
+            return data.upright_size(img)
+    except (OSError, data.BadImage) as e:
         raise UserError(f"sample: cannot read the image {path} ({e}); give a PNG or JPEG file") from None
 
 
