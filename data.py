@@ -23,8 +23,9 @@ named in a warning; nothing in a file can stop a run.
 
 The folder scan reads headers and sidecars in the loader's worker processes and caches what it learns in
 FOLDER/.zd_scan.json: an entry is reused while the file's size and mtime and its sidecars' mtimes are unchanged, so the
-scans after the first (`zd.py data`, then `zd.py train`, then every rank) open no image. Loader.survey is the data side
-of training without a model (`zd.py data`): counts, buckets, batches per epoch, captions, contact sheets of the crops.
+scans after the first (`zd.py data`, then `zd.py train`, then every rank) open no image. survey(loader), beside Loader,
+is the data side of training without a model (`zd.py data`): counts, buckets, batches per epoch, captions, contact
+sheets of the crops.
 
 Buckets: `buckets()` makes kohya-style aspect buckets (defaults: the five ZD buckets of ≈512²). Each image goes to the
 bucket nearest in aspect by |log(w/h) − log(bw/bh)| (symmetric under transpose, unlike |w/h − bw/bh|), is resized to
@@ -910,102 +911,103 @@ class Loader:
                 continue
             yield batch
 
-    def survey(self, sheet=None, per_bucket=16, count_tokens=None):
-        """The data side of training without a model (`zd.py data`): the counts (for shards, one pass over them reading
-        headers), images per bucket, batches per epoch, caption statistics and scan speed, logged and returned as the
-        dict `zd.py data --json` prints. With `sheet` a folder, one contact sheet per bucket of up to per_bucket of its
-        images, a seeded uniform draw, as training crops them in epoch 0. count_tokens(captions) → their token counts
-        (zd.py passes CLIP's tokenizer) counts the captions that the text encoder truncates."""
-        seed, g = self.opts["seed"], self.batch_size * self.world_size
-        per_bkt, words, captions = Counter(), Counter(), Counter(empty=0, over_75_tokens=0)
-        picks = {}  # bucket → the per_bucket (priority, index, Item) of lowest priority
 
-        def tally(kept):  # [(bucket, caption)] of kept samples
-            per_bkt.update(b for b, _ in kept)
-            texts = [c for _, c in kept]
-            captions["empty"] += texts.count("")
-            for c in texts:  # words of letters; a "word" of 40 letters or more is not one
-                words.update(w for w in re.findall(r"[^\W\d_]{2,}", c.lower()) if w not in STOPWORDS and len(w) < 40)
-            if count_tokens and texts:
-                captions["over_75_tokens"] += sum(n > 75 for n in count_tokens(texts))
+def survey(loader, sheet=None, per_bucket=16, count_tokens=None):
+    """What `loader` would train on, without a model (`zd.py data`): the counts (for shards, one pass over them reading
+    headers), images per bucket, batches per epoch, caption statistics and scan speed, logged and returned as the
+    dict `zd.py data --json` prints. With `sheet` a folder, one contact sheet per bucket of up to per_bucket of its
+    images, a seeded uniform draw, as training crops them in epoch 0. count_tokens(captions) → their token counts
+    (zd.py passes CLIP's tokenizer) counts the captions that the text encoder truncates."""
+    seed, g = loader.opts["seed"], loader.batch_size * loader.world_size
+    per_bkt, words, captions = Counter(), Counter(), Counter(empty=0, over_75_tokens=0)
+    picks = {}  # bucket → the per_bucket (priority, index, Item) of lowest priority
 
-        if self.shards is None:
-            stats, scan = self.stats, dict(self.scan)
-            items, bucket_of = self.dataset.items, self.dataset.bucket_of
-            for k in range(0, len(items), 4096):
-                tally([(bucket_of[i], items[i].caption) for i in range(k, min(k + 4096, len(items)))])
-            for bkt, members in self.dataset.members.items():
-                picks[bkt] = heapq.nsmallest(per_bucket, ((_priority(seed, i), i, items[i]) for i in members))
-            per_epoch, left_out, trained = self.batches_per_epoch, stats["dropped_incomplete_per_epoch"], None
-        else:
-            stats, t0 = new_stats(), time.perf_counter()
-            workers = min(self.workers, len(self.shards))
-            tasks = [(s, path, self.filters, self.buckets, seed, per_bucket) for s, path in enumerate(self.shards)]
-            for r in torch.utils.data.DataLoader(_Map(_survey_shard, tasks), batch_size=None, num_workers=workers,
-                                                 collate_fn=_as_is, worker_init_fn=leave_signals_to_parent):
-                t1 = time.perf_counter()  # the time spent here on the statistics is not the scan's
-                merge_counts(stats, r["stats"])
-                for name, reason, detail in r["bad"]:
-                    self._warn(name, BadImage(reason, detail), stats=stats)
-                tally(r["kept"])
-                for bkt, entries in r["picks"].items():
-                    picks[bkt] = heapq.nsmallest(per_bucket, picks.get(bkt, []) + entries)
-                t0 += time.perf_counter() - t1
-            n = stats["kept"] + sum(stats["dropped"].values()) + sum(stats["bad_files"].values())
-            scan = dict(images=n, cached=0, seconds=time.perf_counter() - t0, workers=workers)
-            self._log(f"scanned {plural(len(self.shards), 'shard')}: {scan_line(scan)}")
-            self._log(count_line(stats))
-            if not stats["kept"]:
-                raise ValueError("no sample of the shards passes the filters: lower min-side or the score filters")
-            self._log("per bucket: " + ", ".join(f"{w}×{h}: {per_bkt[(w, h)]:,}" for w, h in self.buckets))
-            per_epoch, left_out, trained = stats["kept"] // g, 0, stats["kept"]
-            self._log(f"epoch ≈ {plural(per_epoch, 'global batch', 'global batches')} of {g}; nothing is left out: "
-                      "a bucket's incomplete batch waits in its reader for the next epoch")
-        trained = per_epoch * g if trained is None else trained
-        dropout = round(self.opts["caption_dropout"] * trained)
-        self._log(f"captions: empty {captions['empty']:,}; caption dropout {self.opts['caption_dropout']:g} trains "
-                  f"≈ {dropout:,} of an epoch's {plural(trained, 'image')} on \"\"" +
-                  (f"; over 75 tokens {captions['over_75_tokens']:,} (truncated by CLIP)" if count_tokens else ""))
-        self._log("most frequent words: " + (", ".join(f"{w} {n:,}" for w, n in words.most_common(12)) or "none"))
-        sheets = self._sheets(sheet, picks, per_bkt) if sheet else {}
-        dropped = {r: stats["dropped"][r] for r in DROP_REASONS}
-        dropped.update(sorted(stats["bad_files"].items()))
-        scan.update(seconds=round(scan["seconds"], 3), images_per_s=round(scan["images"] / max(scan["seconds"], 1e-9)))
-        return dict(found=stats["kept"] + sum(dropped.values()), kept=stats["kept"], dropped=dropped,
-                    unscored=stats["unscored"], missing_captions=stats["missing_captions"],
-                    ignored=dict(stats["ignored"]), buckets={f"{w}x{h}": per_bkt[(w, h)] for w, h in self.buckets},
-                    batches=dict(global_batch=g, per_epoch=per_epoch, left_out_per_epoch=left_out,
-                                 exact=self.shards is None),
-                    captions=dict(empty=captions["empty"], dropout_per_epoch=dropout,
-                                  over_75_tokens=captions["over_75_tokens"] if count_tokens else None,
-                                  words=words.most_common(12)),
-                    scan=scan, sheets=sheets)
+    def tally(kept):  # [(bucket, caption)] of kept samples
+        per_bkt.update(b for b, _ in kept)
+        texts = [c for _, c in kept]
+        captions["empty"] += texts.count("")
+        for c in texts:  # words of letters; a "word" of 40 letters or more is not one
+            words.update(w for w in re.findall(r"[^\W\d_]{2,}", c.lower()) if w not in STOPWORDS and len(w) < 40)
+        if count_tokens and texts:
+            captions["over_75_tokens"] += sum(n > 75 for n in count_tokens(texts))
 
-    def _sheets(self, folder, picks, per_bkt):
-        """Write folder/WxH.png for each bucket with images (contact_sheet); {"WxH": {path, tiles}} with each tile's
-        sample name, caption and box on the sheet."""
-        os.makedirs(folder, exist_ok=True)
-        opts = dict(self.opts, caption_dropout=0.0, inpaint=False)  # epoch 0's crop and flip; captions not dropped
-        sheets = {}
-        for (w, h), entries in sorted(picks.items()):
-            tiles = []
-            for _, i, item in sorted(entries, key=lambda e: e[1]):
-                batch = make_batch([(i, item)], (w, h), 0, 0, opts)
-                if "pixels" not in batch:  # passed the header check, fails to decode: training skips it too
-                    self._log(f"warning: not on the sheet: {batch['_bad'][0][2]} ({item.name})")
-                    continue
-                pixels = ((batch["pixels"][0] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
-                tiles.append((item.name, item.caption, pixels))
-            if not tiles:
+    if loader.shards is None:
+        stats, scan = loader.stats, dict(loader.scan)
+        items, bucket_of = loader.dataset.items, loader.dataset.bucket_of
+        for k in range(0, len(items), 4096):
+            tally([(bucket_of[i], items[i].caption) for i in range(k, min(k + 4096, len(items)))])
+        for bkt, members in loader.dataset.members.items():
+            picks[bkt] = heapq.nsmallest(per_bucket, ((_priority(seed, i), i, items[i]) for i in members))
+        per_epoch, left_out, trained = loader.batches_per_epoch, stats["dropped_incomplete_per_epoch"], None
+    else:
+        stats, t0 = new_stats(), time.perf_counter()
+        workers = min(loader.workers, len(loader.shards))
+        tasks = [(s, path, loader.filters, loader.buckets, seed, per_bucket) for s, path in enumerate(loader.shards)]
+        for r in torch.utils.data.DataLoader(_Map(_survey_shard, tasks), batch_size=None, num_workers=workers,
+                                             collate_fn=_as_is, worker_init_fn=leave_signals_to_parent):
+            t1 = time.perf_counter()  # the time spent here on the statistics is not the scan's
+            merge_counts(stats, r["stats"])
+            for name, reason, detail in r["bad"]:
+                loader._warn(name, BadImage(reason, detail), stats=stats)
+            tally(r["kept"])
+            for bkt, entries in r["picks"].items():
+                picks[bkt] = heapq.nsmallest(per_bucket, picks.get(bkt, []) + entries)
+            t0 += time.perf_counter() - t1
+        n = stats["kept"] + sum(stats["dropped"].values()) + sum(stats["bad_files"].values())
+        scan = dict(images=n, cached=0, seconds=time.perf_counter() - t0, workers=workers)
+        loader._log(f"scanned {plural(len(loader.shards), 'shard')}: {scan_line(scan)}")
+        loader._log(count_line(stats))
+        if not stats["kept"]:
+            raise ValueError("no sample of the shards passes the filters: lower min-side or the score filters")
+        loader._log("per bucket: " + ", ".join(f"{w}×{h}: {per_bkt[(w, h)]:,}" for w, h in loader.buckets))
+        per_epoch, left_out, trained = stats["kept"] // g, 0, stats["kept"]
+        loader._log(f"epoch ≈ {plural(per_epoch, 'global batch', 'global batches')} of {g}; nothing is left out: "
+                  "a bucket's incomplete batch waits in its reader for the next epoch")
+    trained = per_epoch * g if trained is None else trained
+    dropout = round(loader.opts["caption_dropout"] * trained)
+    loader._log(f"captions: empty {captions['empty']:,}; caption dropout {loader.opts['caption_dropout']:g} trains "
+              f"≈ {dropout:,} of an epoch's {plural(trained, 'image')} on \"\"" +
+              (f"; over 75 tokens {captions['over_75_tokens']:,} (truncated by CLIP)" if count_tokens else ""))
+    loader._log("most frequent words: " + (", ".join(f"{w} {n:,}" for w, n in words.most_common(12)) or "none"))
+    sheets = contact_sheets(loader, sheet, picks, per_bkt) if sheet else {}
+    dropped = {r: stats["dropped"][r] for r in DROP_REASONS}
+    dropped.update(sorted(stats["bad_files"].items()))
+    scan.update(seconds=round(scan["seconds"], 3), images_per_s=round(scan["images"] / max(scan["seconds"], 1e-9)))
+    return dict(found=stats["kept"] + sum(dropped.values()), kept=stats["kept"], dropped=dropped,
+                unscored=stats["unscored"], missing_captions=stats["missing_captions"],
+                ignored=dict(stats["ignored"]), buckets={f"{w}x{h}": per_bkt[(w, h)] for w, h in loader.buckets},
+                batches=dict(global_batch=g, per_epoch=per_epoch, left_out_per_epoch=left_out,
+                             exact=loader.shards is None),
+                captions=dict(empty=captions["empty"], dropout_per_epoch=dropout,
+                              over_75_tokens=captions["over_75_tokens"] if count_tokens else None,
+                              words=words.most_common(12)),
+                scan=scan, sheets=sheets)
+
+def contact_sheets(loader, folder, picks, per_bkt):
+    """survey's contact sheets: folder/WxH.png for each bucket with images (contact_sheet); {"WxH": {path, tiles}}
+    with each tile's sample name, caption and box on the sheet."""
+    os.makedirs(folder, exist_ok=True)
+    opts = dict(loader.opts, caption_dropout=0.0, inpaint=False)  # epoch 0's crop and flip; captions not dropped
+    sheets = {}
+    for (w, h), entries in sorted(picks.items()):
+        tiles = []
+        for _, i, item in sorted(entries, key=lambda e: e[1]):
+            batch = make_batch([(i, item)], (w, h), 0, 0, opts)
+            if "pixels" not in batch:  # passed the header check, fails to decode: training skips it too
+                loader._log(f"warning: not on the sheet: {batch['_bad'][0][2]} ({item.name})")
                 continue
-            path = os.path.join(folder, f"{w}x{h}.png")
-            title = f"{w}x{h}: {len(tiles)} of {plural(per_bkt[(w, h)], 'image')}, cropped as in epoch 0"
-            boxes = contact_sheet([(c, px) for _, c, px in tiles], path, title)
-            sheets[f"{w}x{h}"] = dict(path=path, tiles=[dict(name=name, caption=c, box=list(box))
-                                                        for (name, c, _), box in zip(tiles, boxes)])
-        self._log("contact sheets: " + (", ".join(f"{s['path']} ({plural(len(s['tiles']), 'image')})"
-                                                  for s in sheets.values()) or "none (no image decodes)"))
-        return sheets
+            pixels = ((batch["pixels"][0] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+            tiles.append((item.name, item.caption, pixels))
+        if not tiles:
+            continue
+        path = os.path.join(folder, f"{w}x{h}.png")
+        title = f"{w}x{h}: {len(tiles)} of {plural(per_bkt[(w, h)], 'image')}, cropped as in epoch 0"
+        boxes = contact_sheet([(c, px) for _, c, px in tiles], path, title)
+        sheets[f"{w}x{h}"] = dict(path=path, tiles=[dict(name=name, caption=c, box=list(box))
+                                                    for (name, c, _), box in zip(tiles, boxes)])
+    loader._log("contact sheets: " + (", ".join(f"{s['path']} ({plural(len(s['tiles']), 'image')})"
+                                              for s in sheets.values()) or "none (no image decodes)"))
+    return sheets
 
 
 # ---- survey helpers: counts in words, the shard pass, contact sheets -----------------------------------------------
@@ -1074,7 +1076,7 @@ def _priority(seed, index):
 
 
 def _survey_shard(s, path, filters, buckets, seed, k):
-    """One shard of Loader.survey, in a worker process: its counts and bad files, the (bucket, caption) of each kept
+    """One shard of survey, in a worker process: its counts and bad files, the (bucket, caption) of each kept
     sample, and per bucket the k kept samples of lowest _priority with their bytes."""
     stats, bad, kept, picks = new_stats(), [], [], {}
 

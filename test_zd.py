@@ -1192,7 +1192,7 @@ def test_score_filters_count_each_sample_once_in_folders_and_shards(tmp_path, fl
     assert (loader.stats["kept"], loader.stats["unscored"]) == (kept, unscored)
     assert {r: n for r, n in loader.stats["dropped"].items() if n} == {"min-side": 1, **dropped}
     assert dict(loader.stats["bad_files"]) == {"not an image": 1}
-    report = data.Loader([_data_scored_shard(tmp_path / "s.tar")], 1, **kw).survey()
+    report = data.survey(data.Loader([_data_scored_shard(tmp_path / "s.tar")], 1, **kw))
     assert (report["found"], report["kept"], report["unscored"]) == (14, kept, unscored)
     assert {r: n for r, n in report["dropped"].items() if n} == {"min-side": 1, **dropped, "not an image": 1,
                                                                  "no image in sample": 1}
@@ -1260,7 +1260,7 @@ def test_write_scan_folder_writes_the_readme_example(tmp_path):
     """The README's synthetic folder: captions beside the images, one in ten without an aesthetic score, the two
     spellings of the aesthetic key, original sizes of 1024–1536 px."""
     bench.write_scan_folder(str(tmp_path), 30)
-    report = data.Loader([str(tmp_path)], 1, workers=0, min_aesthetic=0, **TINY).survey()
+    report = data.survey(data.Loader([str(tmp_path)], 1, workers=0, min_aesthetic=0, **TINY))
     assert (report["found"], report["kept"], report["unscored"], report["missing_captions"]) == (30, 30, 3, 0)
     metas = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("000/*.json"))]
     assert {"aesthetic", "AESTHETIC_SCORE"} <= {k for m in metas for k in m}
@@ -1278,7 +1278,8 @@ def test_contact_sheets_are_the_training_crops_with_their_captions(tmp_path):
     loader = data.Loader([str(folder)], 1, workers=0, min_side=1, flip=True, random_crop=True, caption_dropout=0.5,
                          seed=5, **TINY)
     tokens = model.Tokenizer.default()
-    report = loader.survey(str(tmp_path / "sheets"), 2, lambda texts: [len(t) for t in tokens.tokens(texts)])
+    report = data.survey(loader, str(tmp_path / "sheets"), 2,
+                         lambda texts: [len(t) for t in tokens.tokens(texts)])
     assert report["captions"]["over_75_tokens"] == 1 and report["captions"]["dropout_per_epoch"] == 5
     crops = {int(b["index"][0]): b["pixels"][0] for b in _data_take(loader.batches(), 10)}  # epoch 0, batch size 1
     names = [it.name for it in loader.dataset.items]
@@ -2257,7 +2258,7 @@ def test_training_logs_the_filter_counts_that_zd_data_prints(tmp_path, capsys):
 def test_shard_training_logs_its_first_epoch_counts_as_zd_data_does(tmp_path, capsys):
     shard = _data_scored_shard(tmp_path / "s.tar")
     kw = dict(min_aesthetic=5, max_watermark=0.5, max_unsafe=0.5, **TINY)
-    data.Loader([shard], 1, workers=0, **kw).survey()
+    data.survey(data.Loader([shard], 1, workers=0, **kw))
     surveyed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("data: kept")]
     assert surveyed == ["data: kept 6 of 14 images; dropped min-side 1, min-aesthetic 2, max-watermark 2, "
                         "max-unsafe 1, no image in sample 1, not an image 1; unscored but kept 5"]

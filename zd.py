@@ -1031,7 +1031,7 @@ def inspect_checkpoint(args):
 
 
 def survey(args):
-    """`zd.py data`: the data side of `zd.py train` without a model (data.Loader.survey): what is found, kept and
+    """`zd.py data`: the data side of `zd.py train` without a model (data.survey): what is found, kept and
     dropped by reason, images per bucket, batches per epoch, caption statistics, scan speed; a contact sheet per
     bucket in --sheet, of training crops with their captions."""
     tokenizer = model.Tokenizer.default()
@@ -1039,7 +1039,8 @@ def survey(args):
         try:
             loader = data.Loader(args.data, args.batch_size, world_size=args.world_size,
                                  **{k: getattr(args, k) for k in LOADER_SETTINGS})
-            report = loader.survey(args.sheet, args.per_bucket, lambda texts: map(len, tokenizer.tokens(texts)))
+            report = data.survey(loader, args.sheet, args.per_bucket,
+                                 lambda texts: map(len, tokenizer.tokens(texts)))
         except (FileNotFoundError, ValueError) as e:  # the Loader's errors name the setting to change
             raise UserError(f"data: {e}") from None
     if args.json:
