@@ -768,6 +768,24 @@ def markers(path, keys, metadata):
     return prediction, ztsnr
 
 
+def take_ema_weights(sd, path, ema=None):
+    """The EMA init: which UNet weights a checkpoint gives. A full SD1.5 file holds its EMA (`model_ema.*`, the weights
+    SD1.5 ships to sample from) beside the raw UNet; with ema=None (the default, and the recipe's: UNet and EMA start
+    from SD1.5's EMA weights) they replace the raw ones in sd, in place. An -emaonly file's UNet is its EMA already.
+    ema=True requires them, False keeps the raw UNet. Returns (EMA taken, EMA present, the raw keys now ignored)."""
+    has_ema = any(k.startswith("model_ema.") and k not in ("model_ema.decay", "model_ema.num_updates") for k in sd)
+    if ema and not has_ema:
+        raise ValueError(f"{path} has no model_ema.* weights: an -emaonly file's UNet is its EMA already")
+    if not (has_ema if ema is None else ema):
+        return False, has_ema, set()
+    raw = [k for k in sd if k.startswith(UNET_PREFIX)]
+    absent = [ema_key(k) for k in raw if ema_key(k) not in sd]
+    if absent:
+        raise ValueError(f"{path}: {len(absent)} EMA tensors missing [{listing(absent)}]")
+    sd.update({k: sd.pop(ema_key(k)) for k in raw})
+    return True, has_ema, set(raw)
+
+
 def load(path, vae_path=None, ema=None, *, dtype=torch.float32, device="cpu", verbose=True):
     """Load an SD1.5-family checkpoint: an LDM single .safetensors file (emaonly, full with model_ema.*, fp16,
     CLIP with or without text_model.) or a diffusers folder; vae_path replaces the VAE with a separate file.
@@ -785,20 +803,7 @@ def load(path, vae_path=None, ema=None, *, dtype=torch.float32, device="cpu", ve
     for k in [k for k in sd if k.startswith("cond_stage_model.transformer.") and not k.startswith(CLIP_PREFIX)]:
         sd[CLIP_PREFIX + k[len("cond_stage_model.transformer."):]] = sd.pop(k)  # CLIP saved without text_model.
 
-    has_ema = any(k.startswith("model_ema.") and k not in ("model_ema.decay", "model_ema.num_updates") for k in sd)
-    if ema and not has_ema:
-        raise ValueError(f"{path} has no model_ema.* weights: an -emaonly file's UNet is its EMA already")
-    take_ema = has_ema if ema is None else ema
-    if take_ema:
-        raw = [k for k in sd if k.startswith(UNET_PREFIX)]
-        absent = [ema_key(k) for k in raw if ema_key(k) not in sd]
-        if absent:
-            raise ValueError(f"{path}: {len(absent)} EMA tensors missing [{listing(absent)}]")
-        sd.update({k: sd.pop(ema_key(k)) for k in raw})
-        ignored_raw = set(raw)  # the raw UNet tensors, now replaced by their EMA
-    else:
-        ignored_raw = set()
-
+    take_ema, has_ema, ignored_raw = take_ema_weights(sd, path, ema)
     parts = {p: {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
              for p in (UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX)}
     ignored = {k for k in sd if not k.startswith((UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX))} - {"v_pred", "ztsnr"}

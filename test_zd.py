@@ -138,6 +138,21 @@ def test_min_snr_weights():
     assert (wrong - wv).abs().max().item() > 0.1
 
 
+def test_weighted_mse_reduces_as_the_recipe_says():
+    """The loss: per-sample MSE over C, H, W, times the sample's weight, mean over the batch — by hand on errors that
+    are constant per sample (1, 2, 3 → MSE 1, 4, 9), and against diffusers' train_text_to_image reduction
+    (F.mse_loss per element → mean over C, H, W → × weight → mean); computed in fp32 from fp16 inputs."""
+    pred, tgt = torch.zeros(3, 4, 2, 2), torch.arange(1.0, 4.0).view(3, 1, 1, 1).expand(3, 4, 2, 2)
+    loss, per_sample = S.weighted_mse(pred, tgt, torch.tensor([1.0, 0.5, 0.0]))
+    assert loss.item() == (1 * 1 + 0.5 * 4 + 0 * 9) / 3 and per_sample.tolist() == [1, 4, 9]
+    g = torch.Generator().manual_seed(0)
+    pred, tgt, w = torch.randn(5, 4, 8, 8, generator=g), torch.randn(5, 4, 8, 8, generator=g), torch.rand(5, generator=g)
+    ref = (torch.nn.functional.mse_loss(pred, tgt, reduction="none").mean(dim=[1, 2, 3]) * w).mean()
+    torch.testing.assert_close(S.weighted_mse(pred, tgt, w)[0], ref)
+    loss16, _ = S.weighted_mse(pred.half(), tgt.half(), w)
+    assert loss16.dtype == torch.float32 and loss16.item() == pytest.approx(ref.item(), rel=1e-3)
+
+
 def test_forward_process_and_v_match_diffusers():
     ref = DDPMScheduler(**SD15, rescale_betas_zero_snr=True)
     g = torch.Generator().manual_seed(0)
