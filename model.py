@@ -1,5 +1,7 @@
-"""Stable Diffusion 1.5 from scratch: UNet, VAE (AutoencoderKL), CLIP ViT-L/14 text encoder and its BPE tokenizer,
-plus safetensors loading and saving of checkpoints and of the train state.
+"""Stable Diffusion 1.5 from scratch: UNet, VAE (AutoencoderKL), CLIP ViT-L/14 text encoder and its BPE tokenizer;
+SD, the bundle of a checkpoint's networks with how the recipe uses the frozen ones (encode_prompts, encode, decode);
+safetensors loading (with the EMA init, take_ema_weights), saving, describing and converting checkpoints, and the train
+state's file.
 
 The checkpoint is the spec: every module attribute path equals the single-file (LDM) key minus its prefix
 (UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX), so loading is a rename-free strict load and saving writes the same names.

@@ -70,14 +70,12 @@ def v_target(x0, noise, abar):
 
 
 def target(x0, noise, abar, prediction):
-    """What a model of the given parameterisation ('v', 'eps' or 'x0') is trained to output."""
+    """What a model of the given parameterisation ('v' or 'eps') is trained to output."""
     if prediction == "v":
         return v_target(x0, noise, abar)
     if prediction == "eps":
         return noise
-    if prediction == "x0":
-        return x0
-    raise ValueError(f"unknown prediction type {prediction!r}: use 'v', 'eps' or 'x0'")
+    raise ValueError(f"unknown prediction type {prediction!r}: use 'v' or 'eps'")
 
 
 def x0_from_v(x_t, v, abar):
@@ -104,13 +102,12 @@ def x0_eps(x_t, out, abar, prediction):
             raise ValueError("ε-prediction cannot be sampled at ᾱ = 0 (zero terminal SNR): x0 = (x_t − √(1−ᾱ)·ε)/√ᾱ "
                              "divides by zero. Use a v-prediction model, or the SD1.5 schedule for an ε model.")
         return (x_t - s * out) / a, out
-    if prediction == "x0":
-        return out, (x_t - a * out) / s
-    raise ValueError(f"unknown prediction type {prediction!r}: use 'v', 'eps' or 'x0'")
+    raise ValueError(f"unknown prediction type {prediction!r}: use 'v' or 'eps'")
 
 
 def min_snr_weight(snr_t, gamma=5.0, prediction="v"):
-    """Min-SNR-γ loss weight (Hang et al. 2023, §3.4), for a per-sample MSE on the model's own output:
+    """Min-SNR-γ loss weight (Hang et al. 2023, §3.4), for a per-sample MSE on the model's own output (x0, the paper's
+    base form, for the golden vectors; zd trains v or ε):
         x0:  min(SNR, γ)
         ε:   min(SNR, γ)/SNR   = min(1, γ/SNR): at SNR = 0 the 0/0 is defined as its limit, 1 (pitfall 2)
         v:   min(SNR, γ)/(SNR + 1)   = min(ᾱ, γ(1−ᾱ)): 0 at SNR = 0 by the formula itself
