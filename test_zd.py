@@ -5,6 +5,7 @@ transformers as oracles), and a test for each of the README's numbered pitfalls.
     ZD_FULL=1 python -m pytest -q test_zd.py     also the slow checks: full-size SD1.5 parity (≈ 10 GB RAM) and the
                                                  1500-step demo drawing its vocabulary (≈ 6 minutes in all)
 """
+import argparse
 import functools
 import io
 import json
@@ -747,6 +748,19 @@ def test_readme_names_code_that_exists():
     assert zd.train.__code__.co_firstlineno <= 200
 
 
+def test_readme_pitfalls_name_tests_that_exist():
+    """Each of the README's numbered pitfalls names at least one test that guards it, and every test named there is a
+    test of this file."""
+    readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    section = readme[readme.index("## Pitfalls this implementation"):]
+    items = re.split(r"\n(?=\d+\. )", section[:section.index("\n\n`ZD_FULL")])[1:]
+    assert [int(item.split(".")[0]) for item in items] == list(range(1, 12))
+    for item in items:
+        tests = re.findall(r"`(test_\w+)`", item)
+        assert tests, item
+        assert all(callable(globals().get(name)) for name in tests), tests
+
+
 def test_check_imports_only_schedule():
     """check.py stands alone for a trainer author's test suite: importing it loads schedule.py, torch and safetensors,
     and none of zd, model, data, PIL or tokenizers (nor zd's OMP_WAIT_POLICY)."""
@@ -787,14 +801,20 @@ def test_schedule_cli(capsys):
     assert float(lines[-1].split(",")[2]) == pytest.approx(0.0046601, rel=1e-4)
 
 
-def test_cli_help_lists_every_subcommand():
+def test_cli_help_lists_every_subcommand(capsys):
+    """`zd.py --help` lists the ten subcommands, each with a line saying what it does; `zd.py COMMAND --help` of each
+    exits 0 with its usage and a description of what it does (the docstring of the function it runs, for train
+    TRAIN_HELP)."""
     out = subprocess.run([sys.executable, "zd.py", "--help"], cwd=HERE, capture_output=True, text=True, check=True).stdout
-    commands = [c for c in ("schedule", "vectors", "check", "convert", "merge", "inspect", "train", "sample", "demo",
-                            "data")
-                if f"    {c} " in out]
-    assert {"schedule", "vectors", "check"} <= set(commands)
+    commands = ["train", "demo", "sample", "schedule", "vectors", "check", "convert", "merge", "inspect", "data"]
+    assert re.findall(r"^    (\w+) +\w", out, re.M) == commands
+    sub = next(a for a in zd.parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
     for c in commands:
-        subprocess.run([sys.executable, "zd.py", c, "--help"], cwd=HERE, capture_output=True, check=True)
+        with pytest.raises(SystemExit) as e:
+            zd.main([c, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        doc = zd.TRAIN_HELP if c == "train" else sub[c].get_default("func").__doc__
+        assert e.value.code == 0 and text.startswith(f"usage: zd.py {c} ") and " ".join(doc.split())[:60] in text, c
 
 
 # ---- data.py: sources, buckets, crops, dropout, masks ----

@@ -1205,7 +1205,8 @@ def parser():
     s.add_argument("--seed", type=at_least(0), default=0, help="seed of the random cases (default 0)")
     s.set_defaults(func=check_command)
 
-    s = sub.add_parser("convert", help="any SD1.5-family checkpoint → an LDM single .safetensors file")
+    s = sub.add_parser("convert", help="any SD1.5-family checkpoint → an LDM single .safetensors file",
+                       description=convert.__doc__)
     s.add_argument("input", help="single .safetensors file or diffusers folder")
     s.add_argument("output", help="output .safetensors (a sidecar .yaml is written beside it)")
     s.add_argument("--vae", help="take the VAE from this .safetensors file")
@@ -1216,7 +1217,8 @@ def parser():
     add_marker_flags(s)
     s.set_defaults(func=convert)
 
-    s = sub.add_parser("merge", help="add difference: A + α·(B − C), e.g. inpaint + (tuned − base)")
+    s = sub.add_parser("merge", help="add difference: A + α·(B − C), e.g. inpaint + (tuned − base)",
+                       description=merge.__doc__)
     s.add_argument("a", help="model to add to (e.g. SD1.5 inpainting)")
     s.add_argument("b", help="finetuned model (e.g. a ZD finetune)")
     s.add_argument("c", help="what B was finetuned from (e.g. SD1.5)")
@@ -1225,7 +1227,8 @@ def parser():
     add_marker_flags(s)
     s.set_defaults(func=merge)
 
-    s = sub.add_parser("inspect", help="what a checkpoint is: layout, variant, EMA, markers, dtypes, sizes")
+    s = sub.add_parser("inspect", help="what a checkpoint is: layout, variant, EMA, markers, dtypes, sizes",
+                       description=inspect_checkpoint.__doc__)
     s.add_argument("path", help="single .safetensors file or diffusers folder")
     s.set_defaults(func=inspect_checkpoint)
 
