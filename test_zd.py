@@ -139,6 +139,26 @@ def test_min_snr_weights():
     assert (wrong - wv).abs().max().item() > 0.1
 
 
+def test_v_weight_leaves_the_terminal_steps_almost_nothing():
+    """The fact beside schedule.min_snr_weight and in the README's figure: on the rescaled schedule the min-SNR-5 v
+    weight, min(ᾱ, 5(1−ᾱ)) in closed form, gives t ≥ 900 about 0.03% of the total weight and t = 999 none (SD1.5's
+    schedule: 0.29%, and 0.0047 at t = 999)."""
+    for abar, share_900, w_999 in ((ZT, 3.2e-4, 0.0), (S.alphas_cumprod(S.sd15_betas()), 2.9e-3, 4.66e-3)):
+        w = S.min_snr_weight(S.snr(abar), 5.0, "v")
+        torch.testing.assert_close(w, torch.minimum(abar, 5 * (1 - abar)), rtol=1e-12, atol=1e-15)
+        assert (w[900:].sum() / w.sum()).item() == pytest.approx(share_900, rel=0.03)
+        assert w[999].item() == pytest.approx(w_999, rel=1e-3, abs=0)
+
+
+def test_schedule_plot(tmp_path, monkeypatch, capsys):
+    """`zd.py schedule --plot FILE` draws the figure the README shows; without matplotlib, one line naming the
+    pip install."""
+    zd.main(["schedule", "--plot", str(tmp_path / "s.png")])
+    assert Image.open(tmp_path / "s.png").size == (1650, 462)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    assert "pip install matplotlib" in refused(capsys, "schedule", "--plot", str(tmp_path / "t.png"))
+
+
 def test_weighted_mse_reduces_as_the_recipe_says():
     """The loss: per-sample MSE over C, H, W, times the sample's weight, mean over the batch — by hand on errors that
     are constant per sample (1, 2, 3 → MSE 1, 4, 9), and against diffusers' train_text_to_image reduction

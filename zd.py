@@ -868,7 +868,10 @@ def image_size(path):
 # zd.py schedule / vectors / check: the diffusion math as a table to read, as golden vectors, and checked in others
 
 def schedule_table(args):
-    """Print the noise schedule as a table to check against the papers (or all 1000 rows as CSV)."""
+    """Print the noise schedule as a table to check against the papers (or all 1000 rows as CSV); --plot FILE draws
+    it instead (plot_schedule)."""
+    if args.plot:
+        return plot_schedule(args.plot, args.gamma)
     b = S.betas(zero_terminal_snr=not args.no_zt)
     abar = S.alphas_cumprod(b)
     snr = S.snr(abar)
@@ -892,6 +895,39 @@ def schedule_table(args):
         print(f"{rows[t][0]:>4}  " + "  ".join(f"{x:11.5g}" for x in rows[t][1:]) + mark)
     if not args.all:
         print("(* = a sampling step; --all prints every t, --csv all rows machine-readable)")
+
+
+def plot_schedule(path, gamma=5.0):
+    """Draw SD1.5's schedule and its zero-terminal-SNR rescale side by side: √ᾱ_t, log SNR_t, and the min-SNR-γ v
+    weight with its cumulative share of the total weight (matplotlib, an optional extra)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UserError("schedule: --plot needs matplotlib: pip install matplotlib") from None
+    fig = Figure(figsize=(15, 4.2), layout="constrained")
+    ax_a, ax_snr, ax_w = fig.subplots(1, 3)
+    t = torch.arange(S.T)
+    for zt, colour, name in ((False, "tab:gray", "SD1.5"), (True, "tab:blue", "rescaled to ZT")):
+        abar = S.alphas_cumprod(S.betas(zt))
+        snr, w = S.snr(abar), S.min_snr_weight(S.snr(abar), gamma, "v")
+        ax_a.plot(t, abar.sqrt(), color=colour, label=f"{name}: √ᾱ_999 = {abar[-1].sqrt():.3g}")
+        ax_snr.plot(t[:-1] if zt else t, snr[:-1].log() if zt else snr.log(), color=colour,
+                    label=f"{name}: SNR_999 = {snr[-1]:.2g}" + " (log −∞)" * zt)
+        share = w.cumsum(0) / w.sum()
+        ax_w.plot(t, w, color=colour, label=f"{name}: {1 - share[899]:.2%} at t ≥ 900,\nw_999 = {w[-1]:.2g}")
+        ax_w.plot(t, share, color=colour, linestyle="--")
+    ax_snr.axhline(math.log(gamma), color="black", linewidth=0.8, linestyle=":", label=f"SNR = γ = {gamma:g}")
+    ax_w.axvspan(900, S.T - 1, color="tab:orange", alpha=0.15, label="t ≥ 900")
+    ax_a.set(title="√ᾱ_t, the signal kept in x_t", xlabel="t", ylabel="√ᾱ_t")
+    ax_snr.set(title="log SNR_t, SNR = ᾱ/(1 − ᾱ)", xlabel="t", ylabel="ln SNR_t")
+    ax_w.set(title=f"min-SNR-γ v weight min(SNR, γ)/(SNR + 1), γ = {gamma:g};\ndashed: its cumulative share of the "
+             "total weight", xlabel="t", ylabel="weight, share")
+    for ax in (ax_a, ax_snr, ax_w):
+        ax.legend(fontsize=8, loc="center right" if ax is ax_w else "upper right", bbox_to_anchor=(1, 0.5 if
+                  ax is ax_w else 1))
+        ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 def vectors(args):
@@ -1187,6 +1223,8 @@ def parser():
     s.add_argument("--gamma", type=at_least(0, float), default=5.0, help="min-SNR γ for the weight column (default 5)")
     s.add_argument("--all", action="store_true", help="print all 1000 timesteps")
     s.add_argument("--csv", action="store_true", help="all 1000 rows as CSV, full precision")
+    s.add_argument("--plot", metavar="FILE", help="draw √ᾱ, log SNR and the v weight of SD1.5's and the rescaled "
+                   "schedule into FILE (.png, .svg, .pdf; needs matplotlib)")
     s.set_defaults(func=schedule_table)
 
     s = sub.add_parser("vectors", help="write golden test vectors to check another trainer's math against",
