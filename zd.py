@@ -911,8 +911,7 @@ def plot_schedule(path, gamma=5.0):
         abar = S.alphas_cumprod(S.betas(zt))
         snr, w = S.snr(abar), S.min_snr_weight(S.snr(abar), gamma, "v")
         ax_a.plot(t, abar.sqrt(), color=colour, label=f"{name}: √ᾱ_999 = {abar[-1].sqrt():.3g}")
-        ax_snr.plot(t[:-1] if zt else t, snr[:-1].log() if zt else snr.log(), color=colour,
-                    label=f"{name}: SNR_999 = {snr[-1]:.2g}" + " (log −∞)" * zt)
+        ax_snr.plot(t, snr.log(), color=colour, label=f"{name}: SNR_999 = {snr[-1]:.2g}" + " (log −∞)" * zt)
         share = w.cumsum(0) / w.sum()
         ax_w.plot(t, w, color=colour, label=f"{name}: {1 - share[899]:.2%} at t ≥ 900,\nw_999 = {w[-1]:.2g}")
         ax_w.plot(t, share, color=colour, linestyle="--")
@@ -923,8 +922,7 @@ def plot_schedule(path, gamma=5.0):
     ax_w.set(title=f"min-SNR-γ v weight min(SNR, γ)/(SNR + 1), γ = {gamma:g};\ndashed: its cumulative share of the "
              "total weight", xlabel="t", ylabel="weight, share")
     for ax in (ax_a, ax_snr, ax_w):
-        ax.legend(fontsize=8, loc="center right" if ax is ax_w else "upper right", bbox_to_anchor=(1, 0.5 if
-                  ax is ax_w else 1))
+        ax.legend(fontsize=8, loc="center right" if ax is ax_w else "upper right")
         ax.grid(alpha=0.3)
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
