@@ -877,13 +877,15 @@ def test_tolerances_separate_rounding_from_mistakes():
                     m = case.formula({**settings, **changes})
                     if not check.same(m, ref):
                         shows[dtype, id] = max(shows.get((dtype, id), 0), check.ratio(ref, m, tol).max().item())
-    print(correct, sorted((x, k) for k, x in shows.items())[:8])  # the README's numbers: pytest -s -k separate
+    weakest = {d: min((x, id) for (dd, id), x in shows.items() if dd == d) for d in adapters}
+    print(correct, weakest)                                 # the README's numbers: pytest -s -k separate
     assert correct["float32"] < 0.25 and correct["bfloat16"] < 0.7 and correct["float16"] < 0.55
-    weakest = {d: min(x for (dd, id), x in shows.items() if dd == d and x > 1) for d in adapters}
+    weakest = {d: x for d, (x, _) in weakest.items()}
     unseen = {(d, id) for (d, id), x in shows.items() if x <= 1}
     assert weakest["float32"] > 3000 and weakest["bfloat16"] > 1.2 and weakest["float16"] > 9
     assert not unseen
-    assert len({id for _, id in shows}) == len(check.MISTAKES)
+    assert set(check.MISTAKES) - {id for _, id in shows} == {"leading_spacing_on_zt", "steps_offset_0"}  # timesteps:
+    # compared exactly
 
 
 class _Broken(Recipe32):
@@ -1118,12 +1120,12 @@ def test_readme_shows_the_diffusers_adapter_and_its_table(capsys):
     """README shows the adapters above verbatim, and its table's verdicts are those `zd.py check` prints now."""
     import inspect
     readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
-    assert inspect.getsource(Diffusers) + "\n\n" + inspect.getsource(DiffusersEps) in readme
+    assert "\n\n".join(inspect.getsource(c) for c in (Diffusers, DiffusersEps, DiffusersBF16)) in readme
     with pytest.raises(SystemExit):
         zd.main(["check", "test_zd:Diffusers"])
     lines = readme[readme.index("    $ python zd.py check test_zd:Diffusers\n"):].splitlines()[1:]
     shown = "\n".join(x[4:] for x in lines[:next(i for i, x in enumerate(lines) if not x.startswith("    "))])
-    rows = lambda text: [(x[2:25].strip(), x[66:]) for x in text.splitlines() if x[2:25].strip() in QUANTITIES]
+    rows = lambda text: [(x[2:25].strip(), x[69:]) for x in text.splitlines() if x[2:25].strip() in QUANTITIES]
     assert len(rows(shown)) == len(QUANTITIES) and rows(shown) == rows(capsys.readouterr().out)
 
 

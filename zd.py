@@ -946,6 +946,7 @@ def check_command(args):
         print(f"  {'quantity':<23} {'dtype':<8} {'max |Δ|':>8} {'max rel':>8}  {'rtol, atol':<14} verdict")
         for r in rows:
             num = lambda k: f"{r[k]:8.1e}" if k in r else " " * 8
+            over = lambda x: f"{x:.2f}" if x < 10 else f"{x:.3g}"
             tol = "{:.2g}, {:.2g}".format(*r["tolerance"]) if "tolerance" in r else ""
             verdict = {"mistake": f"matches known mistake{'s' * (len(r.get('mistakes', [])) > 1)} {r.get('mistake')}",
                        "absent": "not in this trainer"}.get(r["verdict"], r["verdict"])
@@ -960,7 +961,7 @@ def check_command(args):
                 at = (f" at {f['index']}" if f["index"] else "") + "".join(f", {k} = {f[k]}" for k in ("t", "step")
                                                                            if k in f)
                 print(f"  {'':<23} {key} difference{at}: zd {f['zd']:.7g}, theirs {f['theirs']:.7g}"
-                      + (f" ({f['over_tolerance']:.3g}× the tolerance)" if any(r["tolerance"]) else ""))
+                      + (f" ({over(f['over_tolerance'])}× the tolerance)" if any(r["tolerance"]) else ""))
                 if r["worst"]["index"] == r["first"]["index"]:
                     break
             if r.get("nan"):
