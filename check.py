@@ -394,9 +394,9 @@ def compare(ref, theirs, tol):
 
 def identify(case, correct, theirs, tol, guards):
     """([ids, …], guard) of the known mistakes whose formulas give `theirs` within `tol`, the closest first (several:
-    at this tolerance theirs cannot tell them apart), or else of pairs of them; None if none does. Where a mistake's value is
-    undefined (NaN) but the correct one is not, a finite value of theirs is a guard: the match holds elsewhere, and
-    guard maps each such t to the value theirs put there."""
+    at this tolerance theirs cannot tell them apart), or else of pairs of them; None if none does. Where a mistake's
+    value is undefined (NaN) but the correct one is not, a finite value of theirs is a guard: the match holds
+    elsewhere, and guard maps each such t to the value theirs put there."""
     ref, seen = case.formula(correct), []
     for k in (1, 2):
         found = []                           # (how close, ids, value, guard)
@@ -453,12 +453,14 @@ def check(obj, seed=0, schedule=None, debug=False):
             ok = pred == "v" or schedule == "sd15"
             rows.append({"quantity": "prediction", "verdict": "ok" if ok else "differs", "theirs": pred})
         except Exception as e:
-            rows.append({"quantity": "prediction", "verdict": "error", "note": f"{type(e).__name__}: {e}; rows below: v"})
+            rows.append({"quantity": "prediction", "verdict": "error",
+                         "note": f"{type(e).__name__}: {e}; rows below: v"})
             if debug:
                 rows[-1]["traceback"] = traceback.format_exc()
         if pred == "eps" and schedule == "zt":
             rows[0]["note"] = "the recipe is v; ε cannot be sampled from t = 999 (pitfall 7). Rows below: ε's formulas"
-    absent = {q for m, (off, qs) in ABSENT.items() if hasattr(obj, m) and getattr(obj, m) == off for q in qs}
+    absent = {q for m, (off, qs) in ABSENT.items() if hasattr(obj, m) and (getattr(obj, m) is None if off is None else
+                                                                          getattr(obj, m) == off) for q in qs}
     correct = recipe(schedule, pred)
     if hasattr(obj, "min_snr_gamma") and obj.min_snr_gamma == 0:
         correct["weight"] = "one"                                   # no min-SNR: every sample weighs 1
@@ -496,7 +498,8 @@ def check(obj, seed=0, schedule=None, debug=False):
         over = ratio(ref, theirs, tol).flatten()
         r["worst"], r["first"] = located(case, int(over.argmax()), ref, theirs, tol), located(case, first, ref, theirs,
                                                                                                tol)
-        nan = (ref.isnan() ^ theirs.isnan()).reshape(len(ref), -1).any(1) if ref.dim() else (ref.isnan() ^ theirs.isnan())
+        nan = ref.isnan() ^ theirs.isnan()
+        nan = nan.reshape(len(ref), -1).any(1) if ref.dim() else nan
         if nan.any():
             side = lambda x: "theirs" if theirs.flatten()[x].isnan() else "zd"
             r["nan"] = [{"index": [int(i)], **({case.label[0]: int(case.label[1][i])} if case.label else {}),
@@ -577,7 +580,8 @@ def drawn(seed=0):
             setattr(torch, name, f)
 
 
-TEMPLATE = '''"""An adapter for `python zd.py check my_adapter.py:ZdAdapter`: fill in what your trainer has, delete the rest.
+TEMPLATE = '''"""An adapter for `python zd.py check my_adapter.py:ZdAdapter`: fill in what your trainer has, delete
+the rest.
 
 Every member is optional: `check` runs each one present and skips the others. Inputs arrive as float64 tensors: cast
 them to what your trainer computes in and return its own dtype (float32, bfloat16, float16 or float64 results are held

@@ -282,7 +282,8 @@ def test_vectors_file(tmp_path):
                 "forward.v_target", "forward.eps_target", "forward.sd15.x_t", "forward.sd15.v_target", "loss.v",
                 "loss.eps", "cfg.out", "cfg.out_no_rescale", "ddim.n", "ddim.t", "ddim.t_prev", "ddim.abar_t",
                 "ddim.abar_prev", "ddim.x0_hat", "ddim.eps_hat", "ddim.x_prev.v", "ddim.x_prev.eps", "ema.out",
-                "ema.out_1000", "loss.sd15.v", "loss.sd15.eps", "ddim.sd15.t", "ddim.sd15.x_prev.v", "ddim.sd15.x_prev.eps"]
+                "ema.out_1000", "loss.sd15.v", "loss.sd15.eps", "ddim.sd15.t", "ddim.sd15.x_prev.v",
+                "ddim.sd15.x_prev.eps"]
     required += [f"timesteps.{s}.{n}" for n in (10, 13, 25, 50) for s in ("trailing", "leading")]
     assert set(required) <= set(v) and set(meta["zd.description"]) == set(meta["zd.tolerances"]) == set(v)
     assert {k.split(".")[1] for k in v if k.startswith("mistake.")} == set(meta["zd.mistakes"]) == {
@@ -676,8 +677,8 @@ MISTAKE_ROWS = {"snr_before_rescale": ["loss_weight", "loss"], "min_snr_plus_one
                 "sd15_abar_in_zt_sampler": [f"sampler_step(N = {n})" for n in (10, 13, 25, 50)],
                 "ema_warmup": ["ema_update", "ema_update × 1000"],
                 "abar_in_bf16": ["noisy_input", "noisy_input, ξ = 0", "target"], "ema_in_bf16": ["ema_update × 1000"],
-                "no_zt_rescale": ["alphas_cumprod", "loss_weight", "noisy_input", "noisy_input, ξ = 0", "target", "loss",
-                                  *[f"sampler_step(N = {n})" for n in (10, 13, 25, 50)]],
+                "no_zt_rescale": ["alphas_cumprod", "loss_weight", "noisy_input", "noisy_input, ξ = 0", "target",
+                                  "loss", *[f"sampler_step(N = {n})" for n in (10, 13, 25, 50)]],
                 "last_step_to_abar0": [f"sampler_step(N = {n})" for n in (10, 13, 25, 50)],
                 "steps_offset_0": [f"sampling_timesteps({n})" for n in (10, 13, 25, 50)],
                 "cfg_rescale_missing": ["cfg(7.5, rescale 0.7)"]}
@@ -711,7 +712,8 @@ def test_check_names_mistakes_in_low_precision(capsys):
     status, rows = _check_json(capsys, *LOW_PRECISION_MISTAKES)
     assert status == 1
     for name, (id, _) in LOW_PRECISION_MISTAKES.items():
-        named = {q: [r.get("mistake")] + r.get("alternatives", []) for q, r in rows[name].items() if r["verdict"] != "ok"}
+        named = {q: [r.get("mistake")] + r.get("alternatives", []) for q, r in rows[name].items()
+                 if r["verdict"] != "ok"}
         assert named and all(id in n for n in named.values()), (name, named)
 
 
@@ -793,7 +795,8 @@ def test_check_sd15_trainers_on_their_own_terms(capsys):
 
 class ZdItself:
     """zd's own training and sampling functions, as `zd.py train` and `zd.py sample` call them (not the golden
-    formulas): recipe_inputs, weighted_mse, timesteps/prev_timestep/abar_at/ddim_step, guidance, ema_update/ema_decay."""
+    formulas): recipe_inputs, weighted_mse, timesteps/prev_timestep/abar_at/ddim_step, guidance,
+    ema_update/ema_decay."""
     prediction = "v"
 
     def __init__(self):
@@ -1018,11 +1021,14 @@ def test_check_an_adapter_that_draws_its_own_noise(capsys):
 
 
 class WithoutIpNoiseOrEma(Recipe32):
-    """A trainer that declares it has no input perturbation and no EMA."""
-    ip_noise_gamma, ema = 0, None
+    """A trainer that declares it has no input perturbation, no min-SNR weighting and no EMA."""
+    ip_noise_gamma, min_snr_gamma, ema = 0, 0, None
 
     def noisy_input(self, x0, noise, ip_noise, t):
         return super().noisy_input(x0, noise, torch.zeros_like(ip_noise), t)
+
+    def loss_weight(self, t):
+        return torch.ones(len(t))
 
 
 class _Chatty(Recipe32):
@@ -1032,15 +1038,16 @@ class _Chatty(Recipe32):
 
 
 def test_check_reports_absent_features_strict_json_and_tracebacks(capsys, tmp_path):
-    """Members such as ip_noise_gamma = 0 and ema = None declare a feature absent: its rows say "not in this trainer"
-    and do not fail. --json is strict JSON (NaN as null) alone on stdout, what the adapter prints goes to stderr;
+    """Members such as ip_noise_gamma = 0, min_snr_gamma = 0 and ema = None declare a feature absent: its rows say "not
+    in this trainer" and do not fail, and the loss is checked with every sample weighing 1. --json is strict JSON (NaN as null) alone on stdout, what the adapter prints goes to stderr;
     --debug shows the traceback of a member that raised."""
     status, rows = _check_json(capsys, "WithoutIpNoiseOrEma")
-    assert status == 0 and {q: r["verdict"] for q, r in rows["WithoutIpNoiseOrEma"].items() if r["verdict"] != "ok"} == {
-        "noisy_input": "absent", "ema_update": "absent", "ema_update × 1000": "absent"}
+    verdicts = {q: r["verdict"] for q, r in rows["WithoutIpNoiseOrEma"].items() if r["verdict"] != "ok"}
+    assert status == 0 and verdicts == {"noisy_input": "absent", "loss_weight": "absent", "ema_update": "absent",
+                                        "ema_update × 1000": "absent"}
     assert rows["WithoutIpNoiseOrEma"]["noisy_input, ξ = 0"]["verdict"] == "ok"
-    r = subprocess.run([sys.executable, "zd.py", "check", "--json", "test_zd:_Chatty", "test_zd:DiffusersEps"], cwd=HERE,
-                       capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "zd.py", "check", "--json", "test_zd:_Chatty", "test_zd:DiffusersEps"],
+                       cwd=HERE, capture_output=True, text=True)
     lines = [_strict(x) for x in r.stdout.splitlines()]
     assert r.returncode == 1 and len(lines) == 2 and "loading the scheduler" in r.stderr
     eps = {row["quantity"]: row for row in lines[1]["rows"]}["loss_weight"]
