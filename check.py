@@ -166,7 +166,7 @@ def ema(c, e, p, steps):
 def value(q, c, inp, arg=None):
     """Quantity q of the recipe under settings c on the inputs: the formula that each check row compares with."""
     t, x0, eps, xi = inp["forward.t"], inp["forward.x0"], inp["forward.noise"], inp["forward.ip_noise"]
-    abar = SCHEDULES[c["abar"]].to(c["abar_dtype"]).double()
+    abar = SCHEDULES[c["abar"]].to(c["abar_dtype"]).double()         # ᾱ as the trainer holds it where it noises
     if q == "alphas_cumprod":
         return SCHEDULES[c["abar"]]
     if q == "loss_weight":
@@ -495,20 +495,19 @@ def check(obj, seed=0, schedule=None, debug=False):
         if ok:
             r["verdict"] = "ok"
             continue
-        over = ratio(ref, theirs, tol).flatten()
-        r["worst"], r["first"] = located(case, int(over.argmax()), ref, theirs, tol), located(case, first, ref, theirs,
-                                                                                               tol)
-        nan = ref.isnan() ^ theirs.isnan()
-        nan = nan.reshape(len(ref), -1).any(1) if ref.dim() else nan
-        if nan.any():
-            side = lambda x: "theirs" if theirs.flatten()[x].isnan() else "zd"
+        r["worst"] = located(case, int(ratio(ref, theirs, tol).flatten().argmax()), ref, theirs, tol)
+        r["first"] = located(case, first, ref, theirs, tol)
+        one_sided = ref.isnan() ^ theirs.isnan()
+        by_row = lambda x: x.reshape(len(ref), -1).any(1) if ref.dim() else x.reshape(1)   # of the first dimension
+        if one_sided.any():
+            theirs_nan = by_row(one_sided & theirs.isnan())
             r["nan"] = [{"index": [int(i)], **({case.label[0]: int(case.label[1][i])} if case.label else {}),
-                         "side": side(int(i) * (ref[0].numel() if ref.dim() else 1))}
-                        for i in nan.reshape(-1).nonzero().flatten()[:10]]
+                         "side": "theirs" if theirs_nan[i] else "zd"}
+                        for i in by_row(one_sided).nonzero().flatten()[:10]]
         found = identify(case, correct, theirs, tol, guards)
         if found:
             r.update(verdict="mistake", mistake=found[0][0], mistakes=found[0][0].split(" + "))
-            if found[0][1:]:                 # the same value under another mistake's formula
+            if found[0][1:]:                 # other mistakes that theirs matches as closely at this tolerance
                 r["alternatives"] = found[0][1:]
             if found[1]:
                 r["guard"] = [{case.label[0]: t, "theirs": g} for t, g in found[1].items()]
