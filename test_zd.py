@@ -338,14 +338,18 @@ def test_vectors_file(tmp_path):
                 "forward.noise", "forward.ip_noise", "forward.t", "forward.x_t", "forward.x_t_no_ip",
                 "forward.v_target", "forward.eps_target", "forward.sd15.x_t", "forward.sd15.v_target", "loss.v",
                 "loss.eps", "cfg.out", "cfg.out_no_rescale", "ddim.n", "ddim.t", "ddim.t_prev", "ddim.abar_t",
-                "ddim.abar_prev", "ddim.x0_hat", "ddim.eps_hat", "ddim.x_prev.v", "ddim.x_prev.eps", "ema.out"]
-    required += [f"timesteps.trailing.{n}" for n in (10, 13, 25, 50)]
+                "ddim.abar_prev", "ddim.x0_hat", "ddim.eps_hat", "ddim.x_prev.v", "ddim.x_prev.eps", "ema.out",
+                "ema.out_1000", "loss.sd15.v", "loss.sd15.eps", "ddim.sd15.t", "ddim.sd15.x_prev.v",
+                "ddim.sd15.x_prev.eps"]
+    required += [f"timesteps.{s}.{n}" for n in (10, 13, 25, 50) for s in ("trailing", "leading")]
     assert set(required) <= set(v) and set(meta["zd.description"]) == set(meta["zd.tolerances"]) == set(v)
     assert {k.split(".")[1] for k in v if k.startswith("mistake.")} == set(meta["zd.mistakes"]) == {
         "snr_before_rescale", "min_snr_plus_one", "eps_weight_on_v", "eps_weight_nan_at_zero_snr", "ip_noise_in_target",
-        "prev_t_stride", "leading_spacing_on_zt", "sd15_abar_in_zt_sampler", "ema_warmup"}
+        "prev_t_stride", "leading_spacing_on_zt", "sd15_abar_in_zt_sampler", "ema_warmup", "abar_in_bf16",
+        "ema_in_bf16", "no_zt_rescale", "last_step_to_abar0", "steps_offset_0", "cfg_rescale_missing"}
     for k, tol in meta["zd.tolerances"].items():
-        assert set(tol) == {"float64", "float32"} and (tol["float32"] == [0, 0]) == (not v[k].is_floating_point())
+        assert set(tol) == {"float64", "float32", "bfloat16", "float16"}
+        assert (tol["float32"] == [0, 0]) == (not v[k].is_floating_point())
         assert meta["zd.description"][k]["description"] and meta["zd.description"][k]["shape"] == list(v[k].shape)
     assert v["timesteps.trailing.13"].tolist()[:3] == [999, 922, 845] and v["ddim.t_prev"].tolist()[:2] == [899, 799]
     for n in (10, 13, 25, 50):
@@ -380,6 +384,13 @@ def test_vectors_file(tmp_path):
     assert torch.equal(eps_nan, v["ddim.t"] == 999)                      # ε cannot be sampled at ᾱ = 0
     e, p = v["ema.ema"], v["ema.param"]
     torch.testing.assert_close(v["ema.out"], 0.9999 * e + 1e-4 * p)
+    torch.testing.assert_close(v["ema.out_1000"], p + (e - p) * 0.9999 ** 1000)
+    stuck = v["mistake.ema_in_bf16.ema.out_1000"] == e.bfloat16().double()     # each update below half an ulp
+    assert stuck.double().mean() > 0.95 and not stuck[e.abs() < 0.02].any()
+    assert v["timesteps.leading.10"].tolist() == list(range(901, 0, -100)) and v["ddim.sd15.t"][:3].tolist() == [
+        901, 801, 1]
+    bf16 = v["mistake.abar_in_bf16.forward.x_t_no_ip"]
+    assert torch.equal(bf16[:2], v["forward.x0"][:2])                    # ᾱ_0, ᾱ_1 round to 1: no noise at t = 0, 1
 
 
 def test_vectors_json_has_the_same_content(tmp_path):
@@ -400,10 +411,10 @@ def test_vectors_json_has_the_same_content(tmp_path):
 # known mistake, each written from the README's pitfall list.
 
 class Diffusers:
-    """diffusers as a trainer: DDPMScheduler/DDIMScheduler on the zero-terminal-SNR schedule, float32 as trainers keep
-    them, with the min-SNR weight, IP noise and loss of examples/text_to_image/train_text_to_image.py
-    (--snr_gamma 5 --input_perturbation 0.1 --use_ema) and the pipelines' CFG rescale."""
-    prediction = "v"
+    """diffusers as a trainer: DDPMScheduler/DDIMScheduler on the zero-terminal-SNR schedule with the min-SNR weight,
+    IP noise and loss of examples/text_to_image/train_text_to_image.py (--snr_gamma 5 --input_perturbation 0.1
+    --use_ema) and the pipelines' CFG rescale; latents and model outputs in `dtype`, the EMA in float32."""
+    prediction, dtype = "v", torch.float32
 
     def __init__(self):
         kind = "epsilon" if self.prediction == "eps" else "v_prediction"
@@ -421,13 +432,15 @@ class Diffusers:
         return w / snr if self.prediction == "eps" else w / (snr + 1)
 
     def noisy_input(self, x0, noise, ip_noise, t):
-        return self.train.add_noise(x0.float(), noise.float() + 0.1 * ip_noise.float(), t)
+        return self.train.add_noise(x0.to(self.dtype), noise.to(self.dtype) + 0.1 * ip_noise.to(self.dtype), t)
 
     def target(self, x0, noise, ip_noise, t):
-        return noise.float() if self.prediction == "eps" else self.train.get_velocity(x0.float(), noise.float(), t)
+        x0, noise = x0.to(self.dtype), noise.to(self.dtype)
+        return noise if self.prediction == "eps" else self.train.get_velocity(x0, noise, t)
 
     def loss(self, model_output, x0, noise, ip_noise, t):
-        loss = torch.nn.functional.mse_loss(model_output.float(), self.target(x0, noise, ip_noise, t), reduction="none")
+        target = self.target(x0, noise, ip_noise, t)
+        loss = torch.nn.functional.mse_loss(model_output.float(), target.float(), reduction="none")
         return (loss.mean(dim=list(range(1, len(loss.shape)))) * self.loss_weight(t)).mean()
 
     def sampling_timesteps(self, n):
@@ -436,11 +449,11 @@ class Diffusers:
 
     def sampler_step(self, x_t, model_output, t, n):
         self.sampler.set_timesteps(n)
-        return self.sampler.step(model_output.float(), t, x_t.float()).prev_sample
+        return self.sampler.step(model_output.to(self.dtype), t, x_t.to(self.dtype)).prev_sample
 
     def cfg(self, uncond, cond, scale, rescale):
-        guided = uncond.float() + scale * (cond.float() - uncond.float())
-        return rescale_noise_cfg(guided, cond.float(), guidance_rescale=rescale)
+        uncond, cond = uncond.to(self.dtype), cond.to(self.dtype)
+        return rescale_noise_cfg(uncond + scale * (cond - uncond), cond, guidance_rescale=rescale)
 
     def ema_update(self, ema, param, decay, step):
         ema_model = EMAModel([torch.nn.Parameter(ema.float())], decay=decay)
@@ -453,21 +466,34 @@ class DiffusersEps(Diffusers):
     prediction = "eps"
 
 
+class DiffusersBF16(Diffusers):
+    dtype = torch.bfloat16
+
+
 def _trailing(n):
     return [round(1000 - i * 1000 / n) - 1 for i in range(n)]         # Lin et al. 2023, Table 2
 
 
+def _leading(n, offset=1):
+    return [i * (1000 // n) + offset for i in reversed(range(n))]     # SD1.5's scheduler config: steps_offset 1
+
+
 class Recipe:
-    """The recipe written out again from the papers, in `dtype` throughout, sharing no code with schedule.py."""
-    prediction, dtype = "v", torch.float64
+    """The recipe written out again from the papers, sharing no code with schedule.py: data in `dtype`, and as a
+    low-precision trainer keeps them, ᾱ, the weights and the loss in float32 (√ᾱ and √(1−ᾱ) taken there, then cast to
+    the data's dtype) and the EMA in float32."""
+    prediction, dtype, zero_terminal_snr = "v", torch.float64, True
 
     def __init__(self):
-        s = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=self.dtype) ** 2, 0).sqrt()
-        self.abar = ((s - s[-1]) * s[0] / (s[0] - s[-1])) ** 2          # Lin et al. 2023, Alg. 1
+        self.table = torch.promote_types(self.dtype, torch.float32)
+        s = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=self.table) ** 2, 0).sqrt()
+        if self.zero_terminal_snr:
+            s = (s - s[-1]) * s[0] / (s[0] - s[-1])                     # Lin et al. 2023, Alg. 1
+        self.abar = s ** 2
 
     def _ab(self, t, like, abar=None):
         a = (self.abar if abar is None else abar)[torch.as_tensor(t)].reshape(-1, *[1] * (like.dim() - 1))
-        return a.sqrt(), (1 - a).sqrt()
+        return a.sqrt().to(self.dtype), (1 - a).sqrt().to(self.dtype)
 
     def alphas_cumprod(self):
         return self.abar
@@ -476,31 +502,40 @@ class Recipe:
         a = self.abar[t]
         return torch.minimum(a, 5 * (1 - a)) if self.prediction == "v" else (5 * (1 - a) / a).clamp(max=1)
 
+    def _train_ab(self, t, like):
+        return self._ab(t, like)
+
     def noisy_input(self, x0, noise, ip_noise, t):
-        a, s = self._ab(t, x0)
+        a, s = self._train_ab(t, x0)
         return a * x0.to(self.dtype) + s * (noise.to(self.dtype) + 0.1 * ip_noise.to(self.dtype))
 
     def target(self, x0, noise, ip_noise, t):
-        a, s = self._ab(t, x0)
+        a, s = self._train_ab(t, x0)
         return a * noise.to(self.dtype) - s * x0.to(self.dtype) if self.prediction == "v" else noise.to(self.dtype)
 
     def loss(self, model_output, x0, noise, ip_noise, t):
-        mse = (model_output.to(self.dtype) - self.target(x0, noise, ip_noise, t)).pow(2).flatten(1).mean(1)
-        return (self.loss_weight(t) * mse).mean()
+        err = model_output.to(self.dtype).to(self.table) - self.target(x0, noise, ip_noise, t).to(self.table)
+        return (self.loss_weight(t) * err.pow(2).flatten(1).mean(1)).mean()
+
+    def timesteps(self, n):
+        return _trailing(n) if self.zero_terminal_snr else _leading(n)
 
     def sampling_timesteps(self, n):
-        return torch.tensor(_trailing(n))
+        return torch.tensor(self.timesteps(n))
 
     def prev(self, t, n):
-        ts = _trailing(n)
+        ts = self.timesteps(n)
         return ts[ts.index(t) + 1] if t != ts[-1] else -1
+
+    def final(self, x, abar):                                           # ᾱ_prev = 1: the last step returns x̂0
+        return 1.0, 0.0
 
     def sampler_step(self, x_t, model_output, t, n, abar=None):         # Song et al. 2021, eq. 12, η = 0
         x, out = x_t.to(self.dtype), model_output.to(self.dtype)
         a, s = self._ab(t, x, abar)
         x0, eps = (a * x - s * out, s * x + a * out) if self.prediction == "v" else ((x - s * out) / a, out)
         prev = self.prev(t, n)
-        a, s = self._ab(prev, x, abar) if prev >= 0 else (1.0, 0.0)
+        a, s = self._ab(prev, x, abar) if prev >= 0 else self.final(x, abar)
         return a * x0 + s * eps
 
     def cfg(self, uncond, cond, scale, rescale):                        # Lin et al. 2023, Alg. 2
@@ -509,11 +544,29 @@ class Recipe:
         return rescale * x * c.std(dim=(1, 2, 3), keepdim=True) / x.std(dim=(1, 2, 3), keepdim=True) + (1 - rescale) * x
 
     def ema_update(self, ema, param, decay, step):
-        return ema.to(self.dtype) + (1 - decay) * (param.to(self.dtype) - ema.to(self.dtype))
+        e = ema.to(self.table)
+        return e + (1 - decay) * (param.to(self.dtype).to(self.table) - e)
 
 
 class Recipe32(Recipe):
     dtype = torch.float32
+
+
+class RecipeBF16(Recipe):
+    dtype = torch.bfloat16
+
+
+class RecipeFP16(Recipe):
+    dtype = torch.float16
+
+
+class RecipeSD15(Recipe32):
+    """An ε trainer on SD1.5's schedule as shipped: leading timesteps with steps_offset 1."""
+    prediction, zero_terminal_snr = "eps", False
+
+
+class RecipeSD15V(RecipeSD15):
+    prediction = "v"
 
 
 class SnrBeforeRescale(Recipe32):                                       # pitfall 1
@@ -565,37 +618,113 @@ class EmaWarmup(Recipe32):                                              # pitfal
         return super().ema_update(ema, param, 0.0 if s == 0 else min(decay, (1 + s) / (10 + s)), step)
 
 
+class AbarInBF16(RecipeBF16):                                           # pitfall 8: ᾱ in the latents' dtype
+    def _train_ab(self, t, like):
+        return self._ab(t, like, self.abar.to(self.dtype))
+
+
+class EmaInBF16(RecipeBF16):                                            # pitfall 8: the EMA stored in bf16
+    def ema_update(self, ema, param, decay, step):
+        return torch.lerp(ema.to(self.dtype), param.to(self.dtype), 1 - decay)
+
+
+class NoZtRescale(Recipe32):                                            # SD1.5's schedule in a ZT trainer
+    zero_terminal_snr = False
+
+    def timesteps(self, n):
+        return _trailing(n)
+
+
+class LastStepToAbar0(Recipe32):                                        # set_alpha_to_one=False
+    def final(self, x, abar):
+        return self._ab(0, x, abar)
+
+
+class StepsOffset0(RecipeSD15):                                         # leading spacing, steps_offset 0
+    def sampling_timesteps(self, n):
+        return torch.tensor(_leading(n, 0))
+
+
+class CfgRescaleMissing(Recipe32):                                      # the rescale asked for, not applied
+    def cfg(self, uncond, cond, scale, rescale):
+        return super().cfg(uncond, cond, scale, 0.0)
+
+
+class EpsWeightOnVGuarded(Recipe32):                                    # pitfall 3, its NaN replaced by 1
+    def loss_weight(self, t):
+        snr = self.abar[t] / (1 - self.abar[t])
+        return torch.where(snr > 0, torch.clamp(snr, max=5) / snr, 1.0)
+
+
+class EpsWeightGuardedWithZero(Recipe32):                               # pitfall 2, its NaN replaced by 0
+    prediction = "eps"
+
+    def loss_weight(self, t):
+        snr = self.abar[t] / (1 - self.abar[t])
+        return torch.where(snr > 0, torch.clamp(snr, max=5) / snr, 0.0)
+
+
+class LeadingOffset0OnZt(Recipe32):                                     # two mistakes in one list
+    def sampling_timesteps(self, n):
+        return torch.tensor(_leading(n, 0))
+
+
+class EpsWeightOnSd15Snr(Recipe32):                                     # two mistakes in one weight
+    def loss_weight(self, t):
+        a = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2, 0)[t]
+        return torch.clamp(a / (1 - a), max=5) / (a / (1 - a))
+
+
 MISTAKE_ADAPTERS = {"snr_before_rescale": SnrBeforeRescale, "min_snr_plus_one": MinSnrPlusOne,
                     "eps_weight_on_v": EpsWeightOnV, "eps_weight_nan_at_zero_snr": EpsWeightNanAtZeroSnr,
                     "ip_noise_in_target": IpNoiseInTarget, "prev_t_stride": PrevTStride,
                     "leading_spacing_on_zt": LeadingSpacingOnZt, "sd15_abar_in_zt_sampler": Sd15AbarInZtSampler,
-                    "ema_warmup": EmaWarmup}
+                    "ema_warmup": EmaWarmup, "abar_in_bf16": AbarInBF16, "ema_in_bf16": EmaInBF16,
+                    "no_zt_rescale": NoZtRescale, "last_step_to_abar0": LastStepToAbar0,
+                    "steps_offset_0": StepsOffset0, "cfg_rescale_missing": CfgRescaleMissing}
 
 
-def _check_json(capsys, *names):
-    """`zd.py check --json test_zd:NAME …` in this process: (exit status, {object: {quantity: row}})."""
+def _strict(text):
+    """json.loads that refuses NaN and Infinity, as JavaScript's JSON.parse does."""
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def _check_json(capsys, *names, flags=()):
+    """`zd.py check --json test_zd:NAME …` in this process: (exit status, {object: {quantity: row}}); stdout must be
+    strict JSON lines alone."""
     try:
-        zd.main(["check", "--json", *[f"test_zd:{n}" for n in names]])
+        zd.main(["check", "--json", *flags, *[f"test_zd:{n}" for n in names]])
         status = 0
     except SystemExit as e:
         status = e.code
-    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    out = [_strict(line) for line in capsys.readouterr().out.splitlines()]
     return status, {o["object"].split(":")[1]: {r["quantity"]: r for r in o["rows"]} for o in out}
 
 
 QUANTITIES = ["prediction", "alphas_cumprod", "loss_weight", "noisy_input", "noisy_input, ξ = 0", "target", "loss",
               *[f"sampling_timesteps({n})" for n in (10, 13, 25, 50)],
               *[f"sampler_step(N = {n})" for n in (10, 13, 25, 50)],
-              "cfg(7.5, rescale 0.7)", "cfg(7.5, rescale 0)", "ema_update"]
+              "cfg(7.5, rescale 0.7)", "cfg(7.5, rescale 0)", "ema_update", "ema_update × 1000"]
+
+
+def _flagged(rows):
+    """{quantity: the mistake a row names, or its verdict} of the rows that are not ok."""
+    return {q: r.get("mistake", r["verdict"]) for q, r in rows.items() if r["verdict"] != "ok"}
 
 
 def test_check_passes_a_correct_trainer(capsys):
-    """The recipe written from the papers, in float64 and in float32: every quantity ok, exit status 0."""
-    status, rows = _check_json(capsys, "Recipe", "Recipe32")
+    """The recipe written from the papers, in float64, float32, bf16 and fp16 (a low-precision trainer's data and
+    model outputs in that dtype, ᾱ, weights, loss and EMA in float32), and on SD1.5's own schedule (ε and v, recognised
+    from their ᾱ): every quantity ok at the tolerance of its dtype, exit status 0."""
+    names = ("Recipe", "Recipe32", "RecipeBF16", "RecipeFP16", "RecipeSD15", "RecipeSD15V")
+    status, rows = _check_json(capsys, *names)
     assert status == 0
-    for name, dtype in (("Recipe", "float64"), ("Recipe32", "float32")):
+    for name, dtype in zip(names, ("float64", "float32", "bfloat16", "float16", "float32", "float32")):
         assert list(rows[name]) == QUANTITIES and all(r["verdict"] == "ok" for r in rows[name].values())
-        assert {r.get("dtype") for r in rows[name].values()} == {None, dtype, "int64"}
+        assert {r.get("dtype") for r in rows[name].values()} == {None, dtype, "int64"} | (
+            {"float32"} if dtype in ("bfloat16", "float16") else set())
 
 
 MISTAKE_ROWS = {"snr_before_rescale": ["loss_weight", "loss"], "min_snr_plus_one": ["loss_weight", "loss"],
@@ -603,55 +732,220 @@ MISTAKE_ROWS = {"snr_before_rescale": ["loss_weight", "loss"], "min_snr_plus_one
                 "ip_noise_in_target": ["target", "loss"], "prev_t_stride": ["sampler_step(N = 13)"],
                 "leading_spacing_on_zt": [f"sampling_timesteps({n})" for n in (10, 13, 25, 50)],
                 "sd15_abar_in_zt_sampler": [f"sampler_step(N = {n})" for n in (10, 13, 25, 50)],
-                "ema_warmup": ["ema_update"]}
+                "ema_warmup": ["ema_update", "ema_update × 1000"],
+                "abar_in_bf16": ["noisy_input", "noisy_input, ξ = 0", "target"], "ema_in_bf16": ["ema_update × 1000"],
+                "no_zt_rescale": ["alphas_cumprod", "loss_weight", "noisy_input", "noisy_input, ξ = 0", "target",
+                                  "loss", *[f"sampler_step(N = {n})" for n in (10, 13, 25, 50)]],
+                "last_step_to_abar0": [f"sampler_step(N = {n})" for n in (10, 13, 25, 50)],
+                "steps_offset_0": [f"sampling_timesteps({n})" for n in (10, 13, 25, 50)],
+                "cfg_rescale_missing": ["cfg(7.5, rescale 0.7)"]}
 
 
 @pytest.mark.parametrize("mistake", sorted(MISTAKE_ROWS))
 def test_check_names_each_known_mistake(mistake, capsys):
-    """An adapter carrying one mistake, written from the pitfall list: exactly the rows it touches are flagged with
-    that mistake's id (an ε model's prediction row differs too), and the exit status is 1."""
-    name = MISTAKE_ADAPTERS[mistake].__name__
-    status, rows = _check_json(capsys, name)
-    flagged = {q: r.get("mistake") for q, r in rows[name].items() if r["verdict"] != "ok"}
-    expect = {q: mistake for q in MISTAKE_ROWS[mistake]}
-    if MISTAKE_ADAPTERS[mistake].prediction == "eps":
-        expect["prediction"] = None                                     # differs: the recipe is v
-    assert status == 1 and flagged == expect
+    """An adapter carrying one mistake, written from the pitfall list: exactly the rows it touches are flagged, each
+    naming that mistake (or, where two mistakes give the same value, naming it as the alternative), and the exit status
+    is 1. no_zt_rescale is checked with --schedule zt: alone, its SD1.5 ᾱ would select SD1.5's own check."""
+    cls = MISTAKE_ADAPTERS[mistake]
+    status, rows = _check_json(capsys, cls.__name__, flags=["--schedule", "zt"] * (mistake == "no_zt_rescale"))
+    rows = rows[cls.__name__]
+    named = {q: [r.get("mistake")] + r.get("alternatives", []) for q, r in rows.items() if r["verdict"] != "ok"}
+    if cls.prediction == "eps" and cls.zero_terminal_snr:
+        assert named.pop("prediction") == [None]                        # differs: the recipe is v
+    assert status == 1 and list(named) == MISTAKE_ROWS[mistake] and all(mistake in n for n in named.values())
+
+
+LOW_PRECISION_MISTAKES = {f"{MISTAKE_ADAPTERS[id].__name__}_{d}": (id, type(
+    f"{MISTAKE_ADAPTERS[id].__name__}_{d}", (MISTAKE_ADAPTERS[id],), {"dtype": getattr(torch, d)}))
+    for id in ("eps_weight_on_v", "ip_noise_in_target", "ema_warmup", "leading_spacing_on_zt", "last_step_to_abar0",
+               "cfg_rescale_missing") for d in ("bfloat16", "float16")}
+globals().update({name: cls for name, (_, cls) in LOW_PRECISION_MISTAKES.items()})
+
+
+def test_check_names_mistakes_in_low_precision(capsys):
+    """Known mistakes in a bf16 or fp16 trainer are still named at those dtypes' tolerances, and nothing else is
+    flagged: rounding is not a difference. Where two mistakes are within a dtype's rounding of each other the row
+    names both, the closer first."""
+    status, rows = _check_json(capsys, *LOW_PRECISION_MISTAKES)
+    assert status == 1
+    for name, (id, _) in LOW_PRECISION_MISTAKES.items():
+        named = {q: [r.get("mistake")] + r.get("alternatives", []) for q, r in rows[name].items()
+                 if r["verdict"] != "ok"}
+        assert named and all(id in n for n in named.values()), (name, named)
+
+
+def test_check_names_guarded_mistakes_and_the_guard(capsys):
+    """A mistake whose formula is 0/0 at SNR = 0, with the NaN replaced by a finite value, is still named, and the row
+    says which value at which t: the ε weight on a v loss guarded with 1, the ε weight guarded with 0 (the limit is 1).
+    The loss built on the guarded weight is named too."""
+    status, rows = _check_json(capsys, "EpsWeightOnVGuarded", "EpsWeightGuardedWithZero")
+    assert status == 1
+    for name, id, value in (("EpsWeightOnVGuarded", "eps_weight_on_v", 1.0),
+                            ("EpsWeightGuardedWithZero", "eps_weight_nan_at_zero_snr", 0.0)):
+        r = rows[name]["loss_weight"]
+        assert r["mistake"] == id and r["guard"] == [{"t": 999, "theirs": value}]
+        assert rows[name]["loss"]["mistake"] == id
+
+
+def test_check_names_two_mistakes_at_once(capsys):
+    """Two mistakes in one quantity match the recipe with both formulas changed, and the row names both: leading
+    spacing without its offset on a zero-terminal-SNR model; the ε weight on SD1.5's SNR in a v loss."""
+    status, rows = _check_json(capsys, "LeadingOffset0OnZt", "EpsWeightOnSd15Snr")
+    assert status == 1
+    assert _flagged(rows["LeadingOffset0OnZt"]) == {f"sampling_timesteps({n})": "leading_spacing_on_zt + steps_offset_0"
+                                                    for n in (10, 13, 25, 50)}
+    assert _flagged(rows["EpsWeightOnSd15Snr"]) == {q: "snr_before_rescale + eps_weight_on_v"
+                                                    for q in ("loss_weight", "loss")}
+    assert rows["EpsWeightOnSd15Snr"]["loss"]["mistakes"] == ["snr_before_rescale", "eps_weight_on_v"]
 
 
 def test_check_diffusers(capsys):
     """diffusers 0.42.1 passes every quantity except three: DDIM for N = 13 steps to t − 1000//N (prev_t_stride),
-    EMAModel's warm-up (ema_warmup), and for an ε model the min-SNR weight is NaN at SNR = 0."""
-    status, rows = _check_json(capsys, "Diffusers", "DiffusersEps")
+    EMAModel's warm-up (ema_warmup), and for an ε model the min-SNR weight is NaN at SNR = 0. In bf16 the same two
+    differences, and one more that is not rounding: DDPMScheduler.add_noise and get_velocity cast ᾱ to the latents'
+    dtype before the square roots (abar_in_bf16)."""
+    status, rows = _check_json(capsys, "Diffusers", "DiffusersEps", "DiffusersBF16")
     assert status == 1
-    flagged = {n: {q: r.get("mistake", r["verdict"]) for q, r in rows[n].items() if r["verdict"] != "ok"} for n in rows}
-    assert flagged == {"Diffusers": {"sampler_step(N = 13)": "prev_t_stride", "ema_update": "ema_warmup"},
+    flagged = {n: _flagged(rows[n]) for n in rows}
+    ema = {"ema_update": "ema_warmup", "ema_update × 1000": "ema_warmup"}
+    assert flagged == {"Diffusers": {"sampler_step(N = 13)": "prev_t_stride", **ema},
                        "DiffusersEps": {"prediction": "differs", "loss_weight": "eps_weight_nan_at_zero_snr",
                                         "loss": "eps_weight_nan_at_zero_snr", "sampler_step(N = 13)": "prev_t_stride",
-                                        "ema_update": "ema_warmup"}}
+                                        **ema},
+                       "DiffusersBF16": {"noisy_input": "abar_in_bf16", "noisy_input, ξ = 0": "abar_in_bf16",
+                                         "target": "abar_in_bf16", "sampler_step(N = 13)": "prev_t_stride", **ema}}
     assert rows["Diffusers"]["sampler_step(N = 13)"]["first"]["t"] == 999
+    assert rows["Diffusers"]["sampler_step(N = 13)"]["worst"]["t"] == 76           # the last step lands on t = 0
+    assert rows["DiffusersBF16"]["noisy_input"]["worst"]["t"] in (0, 1)
+    assert {r.get("dtype") for r in rows["DiffusersBF16"].values()} == {None, "float32", "bfloat16", "int64"}
 
 
-def test_tolerances_separate_float32_noise_from_mistakes():
-    """float32 tolerances: correct float32 code (the recipe in float32, and diffusers where it is right) stays below
-    a quarter of them; every known mistake, wherever it changes a quantity, exceeds them 500-fold or more."""
-    v, _ = check.golden()
-    ratio = lambda ref, x, tol: ((x.double() - ref).abs() / (tol[1] + tol[0] * ref.abs())).nan_to_num(math.inf).max()
-    correct, mistakes = [], []
-    for pred in ("v", "eps"):
-        for _, _, name, sel, call, _ in check.check_cases(v, pred):
-            ref = v[name] if sel is None else v[name][sel]
-            tol = check.tolerances(name, ref)["float32"]
-            for obj in (Recipe32(), Diffusers(), DiffusersEps()):
-                obj.prediction = pred
-                got = torch.as_tensor(call(obj)).reshape(ref.shape)
-                if check.compare(ref, got.double(), [1e-3, 1e-3])[0]:             # where diffusers is right
-                    correct.append(ratio(ref, got, tol) if tol != [0, 0] else 0)
-            for k in [k for k in v if k.startswith("mistake.") and k.endswith("." + name)]:
-                m = v[k] if sel is None else v[k][sel]
-                if not torch.equal(m.nan_to_num(), ref.nan_to_num()) and tol != [0, 0]:
-                    mistakes.append(ratio(ref, m, tol))
-    assert len(mistakes) == 26 and max(correct) < 0.25 and min(mistakes) > 500
+class DiffusersSD15(Diffusers):
+    """diffusers on SD1.5's scheduler config as shipped: ε, no rescale, leading spacing with steps_offset 1,
+    set_alpha_to_one=False."""
+    prediction = "eps"
+
+    def __init__(self):
+        config = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      prediction_type="epsilon")
+        self.train = DDPMScheduler(**config)
+        self.sampler = DDIMScheduler(**config, timestep_spacing="leading", steps_offset=1, clip_sample=False,
+                                     set_alpha_to_one=False)
+
+
+def test_check_sd15_trainers_on_their_own_terms(capsys):
+    """SD1.5's schedule is recognised from the adapter's ᾱ and said in the header, with what the zero-terminal-SNR
+    recipe would change; diffusers with SD1.5's scheduler config as shipped (leading, steps_offset 1,
+    set_alpha_to_one=False) names last_step_to_abar0 and ema_warmup only. --schedule zt holds an SD1.5 trainer to the
+    recipe: no_zt_rescale."""
+    r = subprocess.run([sys.executable, "zd.py", "check", "test_zd:RecipeSD15"], cwd=HERE, capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and "test_zd:RecipeSD15: 19 of 19 quantities ok; schedule SD1.5's own" in r.stdout
+    assert "recognised from its alphas_cumprod" in r.stdout and "zero-terminal-SNR recipe would rescale" in r.stdout
+    status, rows = _check_json(capsys, "DiffusersSD15")
+    assert status == 1 and _flagged(rows["DiffusersSD15"]) == {
+        **{f"sampler_step(N = {n})": "last_step_to_abar0" for n in (10, 13, 25, 50)},
+        "ema_update": "ema_warmup", "ema_update × 1000": "ema_warmup"}
+    status, rows = _check_json(capsys, "RecipeSD15", flags=["--schedule", "zt"])
+    assert status == 1 and rows["RecipeSD15"]["alphas_cumprod"]["mistake"] == "no_zt_rescale"
+
+
+class ZdItself:
+    """zd's own training and sampling functions, as `zd.py train` and `zd.py sample` call them (not the golden
+    formulas): recipe_inputs, weighted_mse, timesteps/prev_timestep/abar_at/ddim_step, guidance,
+    ema_update/ema_decay."""
+    prediction = "v"
+
+    def __init__(self):
+        self.abar = S.alphas_cumprod(S.betas())
+        self.snr = S.snr(self.abar)
+
+    def _inputs(self, x0, noise, ip_noise, t):
+        return zd.recipe_inputs(x0.float(), noise.float(), ip_noise.float(), t, self.abar, self.snr)
+
+    def alphas_cumprod(self):
+        return self.abar
+
+    def loss_weight(self, t):
+        zeros = torch.zeros(len(t), 1)
+        return self._inputs(zeros, zeros, zeros, t)[2]
+
+    def noisy_input(self, x0, noise, ip_noise, t):
+        return self._inputs(x0, noise, ip_noise, t)[0]
+
+    def target(self, x0, noise, ip_noise, t):
+        return self._inputs(x0, noise, ip_noise, t)[1]
+
+    def loss(self, model_output, x0, noise, ip_noise, t):
+        _, target, weight = self._inputs(x0, noise, ip_noise, t)
+        return S.weighted_mse(model_output.float(), target, weight)[0]
+
+    def sampling_timesteps(self, n):
+        return S.timesteps(n)
+
+    def sampler_step(self, x_t, model_output, t, n):
+        ts = S.timesteps(n)
+        prev = S.prev_timestep(ts, ts.tolist().index(t))
+        return S.ddim_step(x_t.float(), model_output.float(), self.abar[t], S.abar_at(self.abar, prev), "v")
+
+    def cfg(self, uncond, cond, scale, rescale):
+        return S.guidance(uncond.float(), cond.float(), scale, rescale)
+
+    def ema_update(self, ema, param, decay, step):
+        ema = [ema.float().clone()]
+        S.ema_update(ema, [param.float()], S.ema_decay(step, decay))
+        return ema[0]
+
+
+def test_check_passes_zd_itself(capsys):
+    """zd checks itself: its own training and sampling functions, in float32 as `zd.py train` and `sample` run them,
+    pass every row."""
+    status, rows = _check_json(capsys, "ZdItself")
+    assert status == 0 and list(rows["ZdItself"]) == QUANTITIES
+    assert all(r["verdict"] == "ok" for r in rows["ZdItself"].values())
+
+
+DIFFUSERS_DIFFERS = {(d, p): {"sampler_step(N = 13)", "ema_update", "ema_update × 1000",
+                             *["loss_weight", "loss"] * (p == "eps"),
+                             *["noisy_input", "noisy_input, ξ = 0", "target"] * (d == "bfloat16")}
+                     for d in ("float32", "bfloat16") for p in ("v", "eps")}   # test_check_diffusers
+
+
+def test_tolerances_separate_rounding_from_mistakes():
+    """Each dtype's tolerances: correct code in that dtype (the recipe written out again, and diffusers where it is
+    right) stays within a fraction of them, and every known mistake exceeds them by a measured factor in a quantity
+    where it shows, except where it is within a dtype's rounding (README, Tolerances, names it)."""
+    inp = check.inputs()
+    correct, shows = {}, {}
+    adapters = {"float32": (Recipe32, Diffusers), "bfloat16": (RecipeBF16, DiffusersBF16), "float16": (RecipeFP16,)}
+    for dtype, classes in adapters.items():
+        for pred in ("v", "eps"):
+            settings = check.recipe("zt", pred)
+            objs = [type("Adapter", (cls,), {"prediction": pred})() for cls in classes]
+            for case in check.check_cases(inp, "zt", pred):
+                ref = case.formula(settings)
+                tol = check.tolerances(case.name, ref)[dtype]
+                if not any(tol):
+                    continue
+                for obj in objs:
+                    if isinstance(obj, Diffusers) and case.quantity in DIFFUSERS_DIFFERS[dtype, pred]:
+                        continue                                        # where diffusers is not right
+                    with check.serving(case.draws):
+                        got = torch.as_tensor(case.call(obj)).reshape(ref.shape).double()
+                    correct[dtype] = max(correct.get(dtype, 0), check.ratio(ref, got, tol).max().item())
+                for id, changes in check.mistakes(pred):
+                    m = case.formula({**settings, **changes})
+                    if not check.same(m, ref):
+                        shows[dtype, id] = max(shows.get((dtype, id), 0), check.ratio(ref, m, tol).max().item())
+    weakest = {d: min((x, id) for (dd, id), x in shows.items() if dd == d) for d in adapters}
+    print(correct, weakest)                                 # the README's numbers: pytest -s -k separate
+    assert correct["float32"] < 0.25 and correct["bfloat16"] < 0.7 and correct["float16"] < 0.55
+    weakest = {d: x for d, (x, _) in weakest.items()}
+    unseen = {(d, id) for (d, id), x in shows.items() if x <= 1}
+    assert weakest["float32"] > 3000 and weakest["bfloat16"] > 1.2 and weakest["float16"] > 9
+    assert not unseen
+    assert set(check.MISTAKES) - {id for _, id in shows} == {"leading_spacing_on_zt", "steps_offset_0"}  # timesteps:
+    # compared exactly
 
 
 class _Broken(Recipe32):
@@ -712,7 +1006,7 @@ def test_check_cli_exit_status_and_table(tmp_path):
     r = run("Leading")
     assert r.returncode == 1 and "Traceback" not in r.stderr and "0 of 4 quantities ok" in r.stdout
     assert "sampling_timesteps(13)  int64" in r.stdout and "matches known mistake leading_spacing_on_zt" in r.stdout
-    assert "first difference at [0]: zd 999, theirs 913" in r.stdout and "leading_spacing_on_zt: leading" in r.stdout
+    assert "worst difference at [0]: zd 999, theirs 913" in r.stdout and "leading_spacing_on_zt: leading" in r.stdout
     r = run("Trailing")
     assert r.returncode == 0 and "4 of 4 quantities ok" in r.stdout and "not provided: prediction, alphas" in r.stdout
 
@@ -730,10 +1024,110 @@ def test_drawn_feeds_a_step_that_draws_its_own_noise():
         with pytest.raises(RuntimeError, match="nothing more"):
             torch.randn(6, 4, 8, 8)
     assert torch.equal(timesteps, v["forward.t"]) and noise.dtype == torch.float32
-    torch.testing.assert_close(x_t.double(), v["forward.x_t"], rtol=1e-5, atol=1e-5)
-    with check.drawn(), pytest.raises(RuntimeError, match=r"shape \[2, 4, 8, 8\]; the vectors hold \[6, 4, 8, 8\]"):
+    torch.testing.assert_close(x_t.double(), check.golden()[0]["forward.x_t"], rtol=1e-5, atol=1e-5)
+    with check.drawn(), pytest.raises(RuntimeError, match=r"shape \[2, 4, 8, 8\]; the case holds \[6, 4, 8, 8\]"):
         torch.randn((2, 4, 8, 8))
     assert torch.randn(3).shape == (3,) and torch.randint(0, 5, (2,)).shape == (2,)
+
+
+@pytest.mark.parametrize("draw,message", [
+    (lambda: torch.rand(6), "torch.rand is a draw zd cannot serve"),
+    (lambda: torch.rand_like(torch.zeros(6)), "torch.rand_like is a draw"),
+    (lambda: torch.randint_like(torch.zeros(6), 1000), "torch.randint_like is a draw"),
+    (lambda: torch.randperm(6), "torch.randperm is a draw"),
+    (lambda: torch.normal(0.0, 1.0, (6,)), "torch.normal is a draw"),
+    (lambda: torch.multinomial(torch.ones(1000), 6), "torch.multinomial is a draw"),
+    (lambda: torch.randint(0, 500, (6,)), r"randint\(0, 500\) cannot return the case's t = \[0, 1, 139, 500, 998")])
+def test_drawn_refuses_a_draw_it_cannot_serve(draw, message):
+    """check.drawn intercepts exactly torch.randint, randn and randn_like; the other draws a step might make, and a
+    randint whose range cannot hold the t (indices into a trainer's own table of 500 timesteps), raise a clear error,
+    and torch is restored after."""
+    with check.drawn(), pytest.raises(RuntimeError, match=message):
+        draw()
+    assert torch.rand(2).shape == (2,) and torch.multinomial(torch.ones(3), 2).shape == (2,)
+
+
+class DrawsItsOwnNoise:
+    """The README's pattern: a training step that draws ε, ξ and t itself, run inside check.drawn()."""
+    prediction = "v"
+
+    def __init__(self):
+        self.scheduler = DDPMScheduler(**SD15, rescale_betas_zero_snr=True, prediction_type="v_prediction")
+
+    def _step(self, x0):                                                # the trainer's own step, verbatim
+        noise = torch.randn_like(x0)
+        timesteps = torch.randint(0, 1000, (x0.shape[0],))
+        noisy = self.scheduler.add_noise(x0, noise + 0.1 * torch.randn_like(x0), timesteps)
+        return noisy, self.scheduler.get_velocity(x0, noise, timesteps)
+
+    def noisy_input(self, x0, noise, ip_noise, t):
+        with check.drawn():
+            return self._step(x0.float())[0]
+
+    def target(self, x0, noise, ip_noise, t):
+        with check.drawn():
+            return self._step(x0.float())[1]
+
+
+def test_check_an_adapter_that_draws_its_own_noise(capsys):
+    """An adapter written as the README's "A trainer that draws its own noise" shows passes every row, the ξ = 0 one
+    included: within a check call drawn() serves that call's inputs (ξ = 0 gets zeros)."""
+    status, rows = _check_json(capsys, "DrawsItsOwnNoise")
+    assert status == 0 and list(rows["DrawsItsOwnNoise"]) == ["prediction", "noisy_input", "noisy_input, ξ = 0",
+                                                              "target"]
+
+
+class WithoutIpNoiseOrEma(Recipe32):
+    """A trainer that declares it has no input perturbation, no min-SNR weighting and no EMA."""
+    ip_noise_gamma, min_snr_gamma, ema = 0, 0, None
+
+    def noisy_input(self, x0, noise, ip_noise, t):
+        return super().noisy_input(x0, noise, torch.zeros_like(ip_noise), t)
+
+    def loss_weight(self, t):
+        return torch.ones(len(t))
+
+
+class _Chatty(Recipe32):
+    def alphas_cumprod(self):
+        print("loading the scheduler… NaN")
+        return super().alphas_cumprod()
+
+
+def test_check_reports_absent_features_strict_json_and_tracebacks(capsys, tmp_path):
+    """Members such as ip_noise_gamma = 0, min_snr_gamma = 0 and ema = None declare a feature absent: its rows say "not
+    in this trainer" and do not fail, and the loss is checked with every sample weighing 1. --json is strict JSON (NaN as null) alone on stdout, what the adapter prints goes to stderr;
+    --debug shows the traceback of a member that raised."""
+    status, rows = _check_json(capsys, "WithoutIpNoiseOrEma")
+    verdicts = {q: r["verdict"] for q, r in rows["WithoutIpNoiseOrEma"].items() if r["verdict"] != "ok"}
+    assert status == 0 and verdicts == {"noisy_input": "absent", "loss_weight": "absent", "ema_update": "absent",
+                                        "ema_update × 1000": "absent"}
+    assert rows["WithoutIpNoiseOrEma"]["noisy_input, ξ = 0"]["verdict"] == "ok"
+    r = subprocess.run([sys.executable, "zd.py", "check", "--json", "test_zd:_Chatty", "test_zd:DiffusersEps"],
+                       cwd=HERE, capture_output=True, text=True)
+    lines = [_strict(x) for x in r.stdout.splitlines()]
+    assert r.returncode == 1 and len(lines) == 2 and "loading the scheduler" in r.stderr
+    eps = {row["quantity"]: row for row in lines[1]["rows"]}["loss_weight"]
+    assert eps["max_abs"] is None and eps["worst"]["theirs"] is None and eps["nan"] == [
+        {"index": [999], "t": 999, "side": "theirs"}]
+    r = subprocess.run([sys.executable, "zd.py", "--debug", "check", "test_zd:_Broken"], cwd=HERE, capture_output=True,
+                       text=True)
+    assert "Traceback (most recent call last)" in r.stdout and 'raise RuntimeError("no weights here")' in r.stdout
+    r = subprocess.run([sys.executable, "zd.py", "check", "test_zd:_Broken"], cwd=HERE, capture_output=True, text=True)
+    assert "Traceback" not in r.stdout + r.stderr and "raised RuntimeError: no weights here" in r.stdout
+
+
+def test_check_template_is_an_adapter(tmp_path):
+    """`zd.py check --template` prints a commented adapter with every member of the protocol; saved as a file, it
+    loads and is checked (each member raising NotImplementedError until filled in)."""
+    r = subprocess.run([sys.executable, os.path.join(HERE, "zd.py"), "check", "--template"], capture_output=True,
+                       text=True, check=True)
+    (tmp_path / "my_adapter.py").write_text(r.stdout)
+    for member in check.PROTOCOL:
+        assert re.search(rf"\n    (def {member}\(self|{member} = )", r.stdout), member
+    r = subprocess.run([sys.executable, os.path.join(HERE, "zd.py"), "check", "my_adapter.py:ZdAdapter"], cwd=tmp_path,
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "1 of 19 quantities ok" in r.stdout and "raised NotImplementedError" in r.stdout
 
 
 def _readme_block(after):
@@ -802,12 +1196,12 @@ def test_readme_shows_the_diffusers_adapter_and_its_table(capsys):
     """README shows the adapters above verbatim, and its table's verdicts are those `zd.py check` prints now."""
     import inspect
     readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
-    assert inspect.getsource(Diffusers) + "\n\n" + inspect.getsource(DiffusersEps) in readme
+    assert "\n\n".join(inspect.getsource(c) for c in (Diffusers, DiffusersEps, DiffusersBF16)) in readme
     with pytest.raises(SystemExit):
         zd.main(["check", "test_zd:Diffusers"])
     lines = readme[readme.index("    $ python zd.py check test_zd:Diffusers\n"):].splitlines()[1:]
     shown = "\n".join(x[4:] for x in lines[:next(i for i, x in enumerate(lines) if not x.startswith("    "))])
-    rows = lambda text: [(x[2:25].strip(), x[66:]) for x in text.splitlines() if x[2:25].strip() in QUANTITIES]
+    rows = lambda text: [(x[2:25].strip(), x[69:]) for x in text.splitlines() if x[2:25].strip() in QUANTITIES]
     assert len(rows(shown)) == len(QUANTITIES) and rows(shown) == rows(capsys.readouterr().out)
 
 

@@ -963,34 +963,75 @@ def load_object(spec):
 
 def check_command(args):
     """Check other trainers' math against zd's, quantity by quantity, with a verdict and the name of any known mistake.
-    Exit status 0 only if every quantity of every object is ok. What each member takes and returns: README, "Check
-    your trainer against zd"."""
+    Exit status 0 only if every quantity of every object is ok (or declared absent). What each member takes and
+    returns: README, "Check your trainer against zd"; `--template` prints an adapter to fill in."""
+    if args.template:
+        print(check.TEMPLATE, end="")
+        return
+    if not args.target:
+        raise UserError("check: give the adapter as MODULE:OBJECT or path/to/file.py:OBJECT (--template prints one)")
     ok = True
     for spec in args.target:
-        rows = check.check(obj := load_object(spec), args.seed)
-        ok &= bool(rows) and all(r["verdict"] == "ok" for r in rows)
+        with contextlib.redirect_stdout(sys.stderr):      # what the adapter prints: stdout is the verdict's alone
+            obj = load_object(spec)
+            schedule, how = (args.schedule, "--schedule") if args.schedule else check.schedule_of(obj)
+            rows = check.check(obj, args.seed, schedule, args.debug)
+        passed = bool(rows) and all(r["verdict"] in ("ok", "absent") for r in rows)
+        ok &= passed
         if args.json:
-            print(json.dumps({"object": spec, "ok": all(r["verdict"] == "ok" for r in rows), "rows": rows}))
+            print(json.dumps(finite({"object": spec, "ok": passed, "schedule": schedule, "rows": rows}),
+                             ensure_ascii=False, allow_nan=False))
             continue
-        print(f"{spec}: {sum(r['verdict'] == 'ok' for r in rows)} of {len(rows)} quantities ok\n  {'quantity':<23} "
-              f"{'dtype':<7} {'max |Δ|':>8} {'max rel':>8}  {'rtol, atol':<12} verdict")
+        what = "zero terminal SNR (the recipe)" if schedule == "zt" else "SD1.5's own, as shipped"
+        print(f"{spec}: {sum(r['verdict'] in ('ok', 'absent') for r in rows)} of {len(rows)} quantities ok; schedule "
+              f"{what}: {how}")
+        if schedule == "sd15":
+            print(textwrap.fill(check.ZT_WOULD_CHANGE, 120, initial_indent="  ", subsequent_indent="    "))
+        print(f"  {'quantity':<23} {'dtype':<8} {'max |Δ|':>8} {'max rel':>8}  {'rtol, atol':<14} verdict")
         for r in rows:
             num = lambda k: f"{r[k]:8.1e}" if k in r else " " * 8
-            tol = "{:g}, {:g}".format(*r["tolerance"]) if "tolerance" in r else ""
-            verdict = f"matches known mistake {r['mistake']}" if r["verdict"] == "mistake" else r["verdict"]
-            print(f"  {r['quantity']:<23} {r.get('dtype', ''):<7} {num('max_abs')} {num('max_rel')}  {tol:<12} "
+            over = lambda x: f"{x:.2f}" if x < 10 else f"{x:.3g}"
+            tol = "{:.2g}, {:.2g}".format(*r["tolerance"]) if "tolerance" in r else ""
+            verdict = {"mistake": f"matches known mistake{'s' * (len(r.get('mistakes', [])) > 1)} {r.get('mistake')}",
+                       "absent": "not in this trainer"}.get(r["verdict"], r["verdict"])
+            verdict += "".join(f" (or {a})" for a in r.get("alternatives", []))
+            print(f"  {r['quantity']:<23} {r.get('dtype', ''):<8} {num('max_abs')} {num('max_rel')}  {tol:<14} "
                   + verdict + (f" ({r['theirs']})" if "theirs" in r else ""))
-            if f := r.get("first"):
-                at = "".join(f", {k} = {f[k]}" for k in ("t", "step") if k in f)
-                at = (f" at {f['index']}" if f["index"] else "") + at
-                print(f"  {'':<23} first difference{at}: zd {f['zd']:.7g}, theirs {f['theirs']:.7g}")
+            for g in r.get("guard", []):
+                label = next(f"{k} = {x}" for k, x in g.items() if k != "theirs")
+                print(f"  {'':<23} guarded: theirs {g['theirs']:.7g} at {label}, where the mistake's formula is 0/0")
+            for key in ("worst", "first") if r.get("first") else ():
+                f = r[key]
+                at = (f" at {f['index']}" if f["index"] else "") + "".join(f", {k} = {f[k]}" for k in ("t", "step")
+                                                                           if k in f)
+                print(f"  {'':<23} {key} difference{at}: zd {f['zd']:.7g}, theirs {f['theirs']:.7g}"
+                      + (f" ({over(f['over_tolerance'])}× the tolerance)" if any(r["tolerance"]) else ""))
+                if r["worst"]["index"] == r["first"]["index"]:
+                    break
+            if r.get("nan"):
+                print(f"  {'':<23} NaN on one side only: " + ", ".join(
+                    f"{n['side']} at " + next((f"{k} = {n[k]}" for k in ("t", "step") if k in n), str(n["index"]))
+                    for n in r["nan"]))
             if r.get("note"):
                 print(f"  {'':<23} {r['note']}")
+            if r.get("traceback"):
+                print(textwrap.indent(r["traceback"].rstrip(), "  " + " " * 24))
         print("  not provided: " + (", ".join(m for m in check.PROTOCOL if not hasattr(obj, m)) or "—"))
-        for id in dict.fromkeys(r["mistake"] for r in rows if "mistake" in r):
+        for id in dict.fromkeys(i for r in rows for i in r.get("mistakes", [])):
             print(textwrap.fill(f"{id}: {check.MISTAKES[id]}", 120, initial_indent="  ", subsequent_indent="    "))
     if not ok:
         raise SystemExit(1)
+
+
+def finite(x):
+    """x with every NaN and infinity replaced by None, so that json.dumps writes strict JSON (null)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: finite(y) for k, y in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite(y) for y in x]
+    return x
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1235,9 +1276,13 @@ def parser():
 
     s = sub.add_parser("check", help="check another trainer's math against zd's, quantity by quantity, naming known "
                        "mistakes", description=check_command.__doc__)
-    s.add_argument("target", nargs="+", metavar="MODULE:OBJECT", help="an object (a class is instantiated with no "
+    s.add_argument("target", nargs="*", metavar="MODULE:OBJECT", help="an object (a class is instantiated with no "
                    "arguments) with any of: " + ", ".join(check.PROTOCOL) + "; MODULE may be a path/to/file.py")
-    s.add_argument("--json", action="store_true", help="one JSON line per object instead of the table")
+    s.add_argument("--schedule", choices=("zt", "sd15"), help="check against the recipe's zero-terminal-SNR schedule "
+                   "or SD1.5's own (default: recognised from the adapter's alphas_cumprod, else zt)")
+    s.add_argument("--json", action="store_true", help="one strict JSON line per object instead of the table (NaN as "
+                   "null); what the adapter prints goes to stderr")
+    s.add_argument("--template", action="store_true", help="print a commented adapter to fill in, and exit")
     s.add_argument("--seed", type=at_least(0), default=0, help="seed of the random cases (default 0)")
     s.set_defaults(func=check_command)
 
