@@ -2425,6 +2425,27 @@ def test_a_signal_to_the_process_group_stops_workers_and_trainer_cleanly(tmp_pat
 
 # ---- a user's mistakes: one line on stderr naming the problem and the fix, exit status ≠ 0, no traceback, no loss --
 
+def _files(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def test_a_new_run_refuses_to_start_over_an_earlier_one(tmp_path, capsys):
+    """Forgetting --resume must not replace a run: one line naming --resume, --overwrite and a new --out, nothing
+    touched; --overwrite starts over (metrics.jsonl anew)."""
+    out = tmp_path / "run"
+    _train(out, "--steps", "2")
+    before = _files(out)
+    err = refused(capsys, "train", "--out", str(out), *TINY_TRAIN, "--steps", "1")
+    assert "holds an earlier run" in err and "--resume" in err and "--overwrite" in err and "new --out" in err
+    assert _files(out) == before
+    assert "give one of them" in refused(capsys, "train", "--out", str(out), "--resume", "--overwrite")
+    zd.main(["train", "--out", str(out), *TINY_TRAIN, "--steps", "1", "--overwrite"])
+    assert json.loads((out / "train_state.json").read_text())["step"] == 1
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1]
+    _train(out, "--resume", "--steps", "2")                  # the saved --overwrite is not a setting of the run
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2]
+
+
 def _bad_files(folder):
     """Files a user mistakes for checkpoints: name → path."""
     folder.mkdir(exist_ok=True)

@@ -132,6 +132,8 @@ class Settings:
     # -- run
     resume: bool = setting(False, "continue the run in --out: weights, EMA, optimiser, step, data position; its "
                            "settings are kept, except --steps, the intervals, sample prompts and hardware")
+    overwrite: bool = setting(False, "start a new run in an --out that holds an earlier one, replacing its checkpoints, "
+                              "train state and metrics (without it zd refuses)")
     save_every: int = setting(1000, "write the checkpoints and the train state every N steps", type=at_least(1))
     sample_every: int = setting(500, "write a grid of EMA samples every N steps, after saving; 0: never",
                                 type=at_least(0))
@@ -175,7 +177,7 @@ DEMO_UNET = dict(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, at
 SETTINGS = {f.name for f in dataclasses.fields(Settings)}
 # What a resumed run may change; everything else comes from its train_state.json.
 RESUME_MAY_CHANGE = ("steps", "save_every", "sample_every", "sample_prompts", "sample_size", "log_every", "workers",
-                     "device", "max_bad_steps", "resume", "compile")
+                     "device", "max_bad_steps", "resume", "overwrite", "compile")
 T_BINS = 10  # the loss is also logged per timestep bin of 100 (as minRF does), to see where the model is still wrong
 
 
@@ -187,6 +189,7 @@ def train(args):
     rank, world, device = init_distributed(s.device)
     ddp, cuda = torch.distributed.is_initialized(), device.type == "cuda"
     log = print if rank == 0 else (lambda *a, **k: None)
+    check_fresh(s)
     check_writable(s.out)
     interrupts = Interrupts(log)
 
@@ -214,7 +217,7 @@ def train(args):
         step, position, skipped = load_state(s.out, unet, ema, opt)
         log(f"train: resumed {s.out} at step {step}, data position {position + 1}")
     elif rank == 0 and os.path.exists(os.path.join(s.out, "train_state.json")):
-        log(f"train: {s.out} holds an earlier run: starting over (--resume continues it)")
+        log(f"train: --overwrite: starting over in {s.out}, replacing its earlier run")
         Path(s.out, "metrics.jsonl").unlink(missing_ok=True)
 
     abar = S.alphas_cumprod(S.betas(s.schedule == "zt")).to(device)   # float64, never fp16 (pitfall 8)
@@ -327,7 +330,8 @@ def settings(args):
         except FileNotFoundError:
             raise UserError(f"train: --resume: no run in {out} (no train_state.json); point --out at the run's folder, "
                             "or start a new run without --resume") from None
-        saved = {k: v for k, v in (state.get("settings") or state["args"]).items() if k in SETTINGS}  # "args": older
+        saved = {k: v for k, v in (state.get("settings") or state["args"]).items()   # "args": older runs
+                 if k in SETTINGS and k != "overwrite"}   # how the run was started, not one of its settings
         ignored = {k: v for k, v in given.items() if k not in RESUME_MAY_CHANGE and k in saved and v != saved[k]}
         if ignored:
             print(f"train: --resume continues the run's own settings; ignoring {ignored}")
@@ -339,6 +343,17 @@ def settings(args):
     if not values["data"]:
         raise UserError("train: --model needs --data (an image folder or tar shards; repeatable)")
     return Settings(**values)
+
+
+def check_fresh(s):
+    """A new run must not start over an earlier one by accident: forgetting --resume would replace its checkpoints and
+    truncate its metrics. Refuse before anything is touched, unless --overwrite."""
+    if s.resume and s.overwrite:
+        raise UserError("train: --resume continues the run in --out and --overwrite replaces it: give one of them")
+    state = os.path.join(s.out, "train_state.json")
+    if not s.resume and not s.overwrite and os.path.exists(state):
+        raise UserError(f"train: {s.out} holds an earlier run: --resume continues it, --overwrite starts over in it "
+                        "(replacing it), or give a new --out")
 
 
 def check_writable(out):
@@ -674,7 +689,8 @@ def demo(args):
         out = os.path.join(args.out, name)
         if not args.no_train:   # no sample grids: the score of each model is printed below
             train(parser().parse_args(["train", "--out", out, "--schedule", schedule, "--prediction", prediction,
-                                       "--steps", str(args.steps), "--seed", str(args.seed), "--sample-every", "0"]))
+                                       "--steps", str(args.steps), "--seed", str(args.seed), "--sample-every", "0"]
+                                      + ["--overwrite"] * args.overwrite))
         nets = load_model(os.path.join(out, "model_ema.safetensors"), "demo")
         means = [generate(nets, [p] * args.n, steps=25, guidance=DEMO_CFG, seed=args.seed, width=16, height=16,
                           prediction=prediction, zero_terminal_snr=schedule == "zt", progress=False).float().mean().item()
@@ -1128,6 +1144,7 @@ def parser():
     s.add_argument("--seed", type=at_least(0), default=0, help="training and sampling seed (default 0)")
     s.add_argument("--n", type=at_least(1), default=8, help="samples per prompt (default 8)")
     s.add_argument("--no-train", action="store_true", help="only sample the two models already in OUT")
+    s.add_argument("--overwrite", action="store_true", help="train again over earlier runs in OUT")
     s.set_defaults(func=demo)
 
     s = sub.add_parser("sample",
