@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as BPETokenizer
@@ -957,12 +958,16 @@ def save(path, unet, text_encoder, vae=None, *, half=False, prediction="v", ztsn
 
 def atomic_write(path, write):
     """write(tmp) then rename over path: readers never see a half-written checkpoint, and a failed write leaves the
-    previous file as it was."""
+    previous file as it was. A failed write raises OSError, safetensors' own I/O errors (a full disk) included."""
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     try:
         write(str(tmp))
-    except BaseException:                  # a full disk, an interrupt: the previous file stays, the partial one goes
+    except BaseException as e:             # a full disk, an interrupt: the previous file stays, the partial one goes
         tmp.unlink(missing_ok=True)
+        # safetensors raises its I/O errors as SafetensorError("... I/O error: TEXT (os error N) ..."), not OSError
+        io = re.search(r"I/O error: (.*?) \(os error (\d+)\)", str(e)) if isinstance(e, SafetensorError) else None
+        if io:
+            raise OSError(int(io[2]), io[1], str(path)) from e
         raise
     os.replace(tmp, path)
 

@@ -2539,11 +2539,38 @@ def test_a_full_disk_during_a_save_leaves_the_previous_files_whole(tmp_path, cap
     def full(tensors, path, metadata=None):
         open(path, "wb").write(b"partial")
         raise OSError(28, "No space left on device")
-    for module in (model, zd):
-        monkeypatch.setattr(module, "save_file", full)
+    monkeypatch.setattr(model, "save_file", full)
     with pytest.raises(zd.UserError, match="No space left on device.*the previous file is intact"):
         _train(out, "--resume", "--steps", "3", "--save-every", "1")
     assert files() == before                                  # the checkpoints and state, and no .tmp left
+
+
+FULL_DISK_DRIVER = """
+import sys, model, zd
+from safetensors import SafetensorError
+def full(tensors, path, metadata=None):   # what safetensors raises on a full disk: not an OSError
+    raise {error}
+model.save_file = full
+zd.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("error", ['SafetensorError("Error while serializing: I/O error: No space left on device '
+                                   '(os error 28) at path \\"x\\"")', 'RuntimeError("a bug")'])
+def test_a_failed_save_with_loader_workers_exits_at_once(tmp_path, error):
+    """safetensors' full-disk error is one line, exit 1; and whatever ends the run, the loader's worker processes end
+    with it (left to the interpreter's exit, their join hung for good). A hang fails here by the timeout."""
+    run = subprocess.run([sys.executable, "-c", FULL_DISK_DRIVER.format(error=error), "train", "--out",
+                          str(tmp_path), *TINY_TRAIN, "--workers", "2", "--steps", "2", "--save-every", "1"],
+                         cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1, run.stdout + run.stderr
+    if "No space" in error:
+        err = run.stderr.strip()
+        assert err == f"cannot write {tmp_path / 'model.safetensors'} (No space left on device); the previous file is " \
+                      "intact: free space or choose another folder, then --resume"
+    else:
+        assert "RuntimeError: a bug" in run.stderr                # a bug keeps its traceback
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_a_refusal_shows_its_traceback_with_debug(capsys):

@@ -311,6 +311,7 @@ def train(args):
             if rank == 0 and not s.model and not s.inpaint and s.sample_every:   # the demo: which captions it draws
                 print_demo_score(demo_score(model.SD(ema, None, nets.text_encoder, nets.tokenizer, nets.meta)))
     finally:
+        batches.close()    # ends the loader's worker processes now: left to the exit, their join can hang for ever
         interrupts.restore()
         if ddp:
             torch.distributed.destroy_process_group()
