@@ -2284,6 +2284,26 @@ def test_fine_tune_a_checkpoint_starts_from_its_ema_and_writes_v_zt_files(tmp_pa
                 assert torch.equal(v, ema_init[k]), k
 
 
+def test_resume_without_its_base_model_takes_the_run_s_own_file_or_a_new_model(tmp_path, capsys):
+    """--resume after the base model has moved: the run's own model.safetensors holds the frozen CLIP and VAE, so it
+    continues exactly as with the base in place; --model gives the base's new place."""
+    base, moved = tmp_path / "sd.safetensors", tmp_path / "moved.safetensors"
+    _checkpoint(base)
+    _train(tmp_path / "a", "--model", str(base), "--data", "demo", "--steps", "1", "--bucket-area", str(64 * 64),
+           "--bucket-min", "64", "--bucket-max", "64")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    _train(tmp_path / "a", "--resume", "--steps", "2")                            # the base where it was
+    base.rename(moved)
+    capsys.readouterr()
+    zd.main(["train", "--out", str(tmp_path / "b"), *TINY_TRAIN, "--resume", "--steps", "2"])
+    assert f"{base} is gone: frozen CLIP and VAE from the run's own {tmp_path / 'b' / 'model.safetensors'}" in \
+        capsys.readouterr().out
+    a, b = _state(tmp_path / "a"), _state(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    zd.main(["train", "--out", str(tmp_path / "b"), *TINY_TRAIN, "--resume", "--steps", "3", "--model", str(moved)])
+    assert f"frozen CLIP and VAE from {moved}; UNet and EMA from the train state" in capsys.readouterr().out
+
+
 def test_two_ranks_match_one_rank_with_twice_the_batch(tmp_path):
     """torchrun, 2 CPU ranks (gloo) × batch 2 == 1 rank × batch 4 after 3 steps: the same losses and gradient norms at
     every step, and the same weights to float tolerance. (Adam's first steps move a parameter by ≈ lr·sign(g)
@@ -2439,6 +2459,8 @@ def test_a_new_run_refuses_to_start_over_an_earlier_one(tmp_path, capsys):
     assert "holds an earlier run" in err and "--resume" in err and "--overwrite" in err and "new --out" in err
     assert _files(out) == before
     assert "give one of them" in refused(capsys, "train", "--out", str(out), "--resume", "--overwrite")
+    assert "is the demo, trained from scratch: it takes no --model" in refused(capsys, "train", "--out", str(out),
+                                                                              "--resume", "--model", "sd.safetensors")
     zd.main(["train", "--out", str(out), *TINY_TRAIN, "--steps", "1", "--overwrite"])
     assert json.loads((out / "train_state.json").read_text())["step"] == 1
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1]
@@ -2565,9 +2587,8 @@ def test_a_failed_save_with_loader_workers_exits_at_once(tmp_path, error):
                          cwd=HERE, capture_output=True, text=True, timeout=120)
     assert run.returncode == 1, run.stdout + run.stderr
     if "No space" in error:
-        err = run.stderr.strip()
-        assert err == f"cannot write {tmp_path / 'model.safetensors'} (No space left on device); the previous file is " \
-                      "intact: free space or choose another folder, then --resume"
+        assert run.stderr.strip() == f"cannot write {tmp_path / 'model.safetensors'} (No space left on device); the " \
+                                     "previous file is intact: free space or choose another folder, then --resume"
     else:
         assert "RuntimeError: a bug" in run.stderr                # a bug keeps its traceback
     assert not list(tmp_path.glob("*.tmp"))

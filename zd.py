@@ -175,9 +175,10 @@ DEMO = dict(data=("demo",), out="runs/demo", steps=1500, batch_size=32, lr=1e-3,
 DEMO_CFG = 3.0  # the demo's guidance: at 7.5 the small model's colours overshoot (green at 200 where the data has 160)
 DEMO_UNET = dict(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(2,), context_dim=64)
 SETTINGS = {f.name for f in dataclasses.fields(Settings)}
-# What a resumed run may change; everything else comes from its train_state.json.
-RESUME_MAY_CHANGE = ("steps", "save_every", "sample_every", "sample_prompts", "sample_size", "log_every", "workers",
-                     "device", "max_bad_steps", "resume", "overwrite", "compile")
+# What a resumed run may change (out, model, vae: the run and its base at a new place); the rest comes from its
+# train_state.json.
+RESUME_MAY_CHANGE = ("out", "model", "vae", "steps", "save_every", "sample_every", "sample_prompts", "sample_size",
+                     "log_every", "workers", "device", "max_bad_steps", "resume", "overwrite", "compile")
 T_BINS = 10  # the loss is also logged per timestep bin of 100 (as minRF does), to see where the model is still wrong
 
 
@@ -333,6 +334,8 @@ def settings(args):
                             "or start a new run without --resume") from None
         saved = {k: v for k, v in (state.get("settings") or state["args"]).items()   # "args": older runs
                  if k in SETTINGS and k != "overwrite"}   # how the run was started, not one of its settings
+        if given.get("model") and not saved.get("model"):
+            raise UserError(f"train: --resume: the run in {out} is the demo, trained from scratch: it takes no --model")
         ignored = {k: v for k, v in given.items() if k not in RESUME_MAY_CHANGE and k in saved and v != saved[k]}
         if ignored:
             print(f"train: --resume continues the run's own settings; ignoring {ignored}")
@@ -403,19 +406,41 @@ def starting_model(s, log):
         log("train: demo — a small pixel-space UNet (no VAE) trained from scratch on procedural images; a tiny frozen "
             "CLIP with random weights encodes the captions")
         return demo_model(s.seed, s.prediction, s.schedule == "zt", s.inpaint)
-    nets = load_model(s.model, "train", vae_path=s.vae)
-    if s.ema_init:
-        init = load_model(s.ema_init, "train")
-        nets.unet.load_state_dict(init.unet.state_dict())
-        nets.meta["ema"] = init.meta["ema"]
-    source = {"ema": "model_ema.* weights", None: "weights (an EMA-only file holds the EMA)"}[nets.meta.get("ema")]
-    log(f"train: UNet and EMA start from {s.ema_init or s.model}'s {source}")
+    if s.resume:
+        nets = resumed_model(s, log)
+    else:
+        nets = load_model(s.model, "train", vae_path=s.vae)
+        if s.ema_init:
+            init = load_model(s.ema_init, "train")
+            nets.unet.load_state_dict(init.unet.state_dict())
+            nets.meta["ema"] = init.meta["ema"]
+        source = {"ema": "model_ema.* weights", None: "weights (an EMA-only file holds the EMA)"}[nets.meta.get("ema")]
+        log(f"train: UNet and EMA start from {s.ema_init or s.model}'s {source}")
     if nets.meta.get("inpaint") and not s.inpaint:
         log("train: the checkpoint is a 9-channel inpainting UNet: training it as one (--inpaint)")
         s.inpaint = True
     if s.inpaint and nets.unet.cfg.in_channels == 4:
         nets.unet = model.expand_to_inpaint(nets.unet)
     return nets
+
+
+def resumed_model(s, log):
+    """The networks of a resumed run, whose UNet and EMA then come from its train state: the base model (--model, the
+    run's or a new path), or, when that is gone, the run's own model.safetensors, which holds the frozen CLIP and VAE
+    as they were (unless written fp16)."""
+    if all(path is None or os.path.exists(path) for path in (s.model, s.vae)):
+        nets = load_model(s.model, "train", vae_path=s.vae)
+        log(f"train: frozen CLIP and VAE from {s.model}{f' and {s.vae}' if s.vae else ''}; UNet and EMA from the "
+            "train state")
+        return nets
+    gone = s.model if not os.path.exists(s.model) else s.vae
+    if s.half:
+        raise UserError(f"train: --resume: {gone} is gone and {s.out}/model.safetensors holds its CLIP and VAE in fp16 "
+                        "(--half): give the base model's new place with --model PATH (and --vae PATH)")
+    own = os.path.join(s.out, "model.safetensors")
+    log(f"train: --resume: {gone} is gone: frozen CLIP and VAE from the run's own {own} (--model PATH takes the base "
+        "from its new place); UNet and EMA from the train state")
+    return load_model(own, "train")
 
 
 def demo_model(seed=0, prediction="v", ztsnr=True, inpaint=False):
