@@ -559,7 +559,9 @@ def _write_cache(path, files):
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", dir=os.path.dirname(path))
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the cache from others who read the data
+        umask = os.umask(0o022)  # mkstemp's 0600 would hide the cache from others who read the data: the umask's mode
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with open(fd, "w", encoding="utf-8") as f:
             f.write(json.dumps({"zd_scan": 1, "files": files}, separators=(",", ":")))  # dumps: C, dump: Python
         os.replace(tmp, path)

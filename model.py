@@ -969,7 +969,16 @@ def atomic_write(path, write):
         if io:
             raise OSError(int(io[2]), io[1], str(path)) from e
         raise
+    os.chmod(tmp, new_file_mode())         # safetensors writes 0600 temporary files, and the mode survives the rename
     os.replace(tmp, path)
+
+
+def new_file_mode():
+    """The mode open() gives a new file, 0o666 less the umask: files others on a shared machine may read (reading the
+    umask sets it, so it is set straight back)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def save_train_state(folder, meta, unet, ema, opt):

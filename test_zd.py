@@ -2594,6 +2594,17 @@ def test_a_failed_save_with_loader_workers_exits_at_once(tmp_path, error):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_checkpoints_are_written_with_the_umask_s_mode(tmp_path):
+    """Not the 0600 of safetensors' temporary file: teammates on a shared machine read the checkpoints."""
+    umask = os.umask(0o002)
+    try:
+        zd.main(["train", "--out", str(tmp_path), *TINY_TRAIN, "--steps", "1"])
+        modes = {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir() if p.is_file()}
+    finally:
+        os.umask(umask)
+    assert len(modes) == 5 and set(modes.values()) == {"0o664"}, modes
+
+
 def test_a_refusal_shows_its_traceback_with_debug(capsys):
     with pytest.raises(zd.UserError):
         zd.main(["--debug", "sample", "--model", "nope.safetensors", "--prompt", "x"])
