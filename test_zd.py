@@ -2350,22 +2350,24 @@ def test_sigterm_saves_and_stops_cleanly(tmp_path):
 
 
 # Runs `zd.py ARGV` with a signal sent to itself from inside zd: at the first file write (a save), at the first
-# sampler call (a sample grid), twice at the first step (two Ctrl-C), or while the data loader is set up (start-up).
+# sampler call (a sample grid), twice at the first step (two Ctrl-C, or SIGTERM then Ctrl-C), or while the data loader
+# is set up (start-up).
 SIGNAL_DRIVER = """
 import os, signal, sys, model, zd
 when, argv = sys.argv[1], sys.argv[2:]
-def patch(owner, name, sig, times=1):
+def patch(owner, name, *sigs):
     original = getattr(owner, name)
     def patched(*a, **k):
         if not patched.sent:
             patched.sent = True
-            for _ in range(times):
+            for sig in sigs:
                 os.kill(os.getpid(), sig)
         return original(*a, **k)
     patched.sent = False
     setattr(owner, name, patched)
 {"save": lambda: patch(model, "atomic_write", signal.SIGTERM), "grid": lambda: patch(zd, "generate", signal.SIGTERM),
- "ctrl-c twice": lambda: patch(zd, "sample_noise", signal.SIGINT, 2),
+ "ctrl-c twice": lambda: patch(zd, "sample_noise", signal.SIGINT, signal.SIGINT),
+ "sigterm, ctrl-c": lambda: patch(zd, "sample_noise", signal.SIGTERM, signal.SIGINT),
  "start-up": lambda: patch(zd, "make_loader", signal.SIGTERM)}[when]()
 zd.main(argv)
 """
@@ -2377,17 +2379,18 @@ def _signalled(when, out, *flags):
     return run.returncode, run.stdout + run.stderr
 
 
-@pytest.mark.parametrize("when, flags, step", [
-    ("save", ["--steps", "6", "--save-every", "3"], 3),                        # the first save, at step 3
-    ("grid", ["--steps", "6", "--sample-every", "2"], 2),                      # a grid at a step that is not saved
-    ("grid", ["--steps", "2", "--sample-every", "2"], 2)])                     # the final grid, after the final save
-def test_a_signal_during_a_save_or_a_grid_leaves_the_last_step_saved(tmp_path, when, flags, step):
+@pytest.mark.parametrize("when, flags, step, saying", [
+    ("save", ["--steps", "6", "--save-every", "3"], 3, "after this step, saving it first"),   # the first save
+    ("grid", ["--steps", "6", "--sample-every", "2"], 2, "after this step, saving it first"),  # at an unsaved step
+    ("grid", ["--steps", "2", "--sample-every", "2"], 2, "with every finished step saved")])   # after the final save
+def test_a_signal_during_a_save_or_a_grid_leaves_the_last_step_saved(tmp_path, when, flags, step, saying):
     """SIGTERM while a save is being written lets it finish; during a sample grid it abandons the grid. Either way the
     last completed step is saved whole, the exit status is 0, and --resume continues from it."""
     code, log = _signalled(when, tmp_path, *flags)
     assert code == 0 and f"SIGTERM: stopped at step {step}, saved in" in log and "Traceback" not in log, log
     said = re.search(f"sample grid at step {step}: 4/{4 * len(zd.DEMO_PROMPTS)} images", log)   # how far it got
     assert bool(said) == (when == "grid")
+    assert f"SIGTERM: stopping {saying}" in log                      # the message is true where the signal came
     assert json.loads((tmp_path / "train_state.json").read_text())["step"] == step
     assert model.load(tmp_path / "model.safetensors").meta["prediction"] == "v"
     assert not (tmp_path / "samples" / f"step_{step:06d}" / "grid.png").exists()
@@ -2422,9 +2425,11 @@ def test_a_signal_during_start_up_stops_before_training(tmp_path):
     assert not (tmp_path / "train_state.json").exists()
 
 
-def test_second_ctrl_c_quits_at_once(tmp_path):
-    code, log = _signalled("ctrl-c twice", tmp_path, "--steps", "3")
-    assert code == 130 and "second Ctrl-C: quitting now" in log and "Traceback" not in log, log
+@pytest.mark.parametrize("when, said", [("ctrl-c twice", "second Ctrl-C"), ("sigterm, ctrl-c", "Ctrl-C after SIGTERM")])
+def test_a_ctrl_c_after_a_first_signal_quits_at_once(tmp_path, when, said):
+    code, log = _signalled(when, tmp_path, "--steps", "3")
+    assert code == 130 and f"{said}: quitting now, without saving this step" in log and "Traceback" not in log, log
+    assert "(Ctrl-C quits at once, without saving this step)" in log
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

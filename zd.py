@@ -241,6 +241,7 @@ def train(args):
     window, progress, saved, started, bad_run = Window(), Progress(s, step, log), step, step, 0
     try:
         while step < s.steps and not interrupts.agreed(ddp, device):
+            interrupts.unsaved = True
             lr = get_lr(step, s.lr, s.warmup, s.steps, s.lr_schedule)
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -300,6 +301,7 @@ def train(args):
                                 f"in {s.out}; lower --lr or check the data, then --resume.")
             if rank == 0 and (step % s.save_every == 0 or step == s.steps):   # saved before any sampling
                 saved = save(s, step, position, skipped, unet, ema, opt, nets)
+                interrupts.unsaved = False
             if rank == 0 and s.sample_every and not s.inpaint and (step % s.sample_every == 0 or step == s.steps):
                 sample_grid(s, step, ema, nets, log, stop=lambda: interrupts.signal)
         if rank == 0 and saved != step:
@@ -371,20 +373,25 @@ def check_writable(out):
 
 
 class Interrupts:
-    """SIGINT (Ctrl-C) and SIGTERM (what a scheduler sends) ask the run to stop after the current step, saved. A second
-    Ctrl-C exits at once; the files on disk are whole either way, as every save is atomic."""
+    """SIGINT (Ctrl-C) and SIGTERM (what a scheduler sends) ask the run to stop after the current step, saved. A Ctrl-C
+    after either exits at once; the files on disk are whole either way, as every save is atomic. `unsaved`, kept by
+    the training loop, says whether the current step still has to be saved."""
 
     def __init__(self, log):
-        self.signal, self.log = None, log
+        self.signal, self.log, self.unsaved = None, log, False
         self.saved = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def handle(self, signum, frame):
-        if self.signal == signal.SIGINT and signum == signal.SIGINT:
-            print("train: second Ctrl-C: quitting now, without saving this step", file=sys.stderr, flush=True)
+        lost = ", without saving this step" if self.unsaved else ""
+        if self.signal is not None and signum == signal.SIGINT:
+            again = "second Ctrl-C" if self.signal == signal.SIGINT else f"Ctrl-C after {self.signal.name}"
+            print(f"train: {again}: quitting now{lost}", file=sys.stderr, flush=True)
             os._exit(130)
-        self.signal = signum
-        print(f"train: {signal.Signals(signum).name}: stopping after this step, saving it first (Ctrl-C again quits "
-              "at once)", file=sys.stderr, flush=True)
+        if self.signal is not None:            # a repeated SIGTERM: already stopping
+            return
+        self.signal = signal.Signals(signum)
+        doing = "after this step, saving it first" if self.unsaved else "with every finished step saved"
+        print(f"train: {self.signal.name}: stopping {doing} (Ctrl-C quits at once{lost})", file=sys.stderr, flush=True)
 
     def agreed(self, ddp, device):
         """Whether to stop: every rank stops at the same step when any one of them was signalled."""
