@@ -2190,7 +2190,7 @@ def test_training_logs_the_filter_counts_that_zd_data_prints(tmp_path, capsys):
     flags = ["--min-aesthetic", "5", "--max-watermark", "0.5", "--max-unsafe", "0.5"]
     zd.main(["data", "--data", folder, *flags, "--sheet", ""])
     surveyed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("data: kept")]
-    _train(tmp_path / "run", "--steps", "1", "--data", folder, *flags)
+    _train(tmp_path / "run", "--steps", "1", "--data", folder, "--from-scratch", *flags)
     trained = [line for line in capsys.readouterr().out.splitlines() if line.startswith("data: kept")]
     assert surveyed == trained == ["data: kept 6 of 13 images; dropped min-side 1, min-aesthetic 2, max-watermark 2, "
                                    "max-unsafe 1, not an image 1; unscored but kept 5"]
@@ -2537,8 +2537,10 @@ def test_every_image_under_min_side_says_which_setting_to_change(tmp_path, capsy
     err = refused(capsys, "train", "--model", "x.safetensors", "--data", str(tmp_path / "small"), "--out",
                   str(tmp_path / "run"))
     assert "no such file or folder: x.safetensors" in err           # the model is checked before the data is scanned
+    err = refused(capsys, "train", "--data", str(tmp_path / "small"), "--out", str(tmp_path / "run"))
+    assert "--data without --model would train the demo's small pixel-space model" in err and "--model SD1.5" in err
     err = refused(capsys, "train", "--data", str(tmp_path / "small"), "--out", str(tmp_path / "run"), "--min-side",
-                  "1024", "--batch-size", "2")
+                  "1024", "--batch-size", "2", "--from-scratch")
     assert "no bucket holds a full global batch" in err and "min-side" in err and "batch size" in err
 
 

@@ -84,6 +84,8 @@ class Settings:
     # -- model and data
     model: str = setting(None, "SD1.5 checkpoint to fine-tune: single file (full or EMA-only) or diffusers folder; "
                          "the UNet and the EMA start from its EMA weights. Without it: the demo")
+    from_scratch: bool = setting(False, "without --model, train the demo's small pixel-space model from scratch on "
+                                 "--data other than 'demo' (else refused: it would see your images at 16×16 px)")
     vae: str = setting(None, "a separate VAE file for the checkpoint")
     ema_init: str = setting(None, "take the initial UNet/EMA weights from this file instead", metavar="PATH")
     data: tuple = setting((), "image folder, tar shard path or glob, or 'demo'; repeatable", action="append",
@@ -348,6 +350,11 @@ def settings(args):
     values["sample_size"] = tuple(values["sample_size"])
     if not values["data"]:
         raise UserError("train: --model needs --data (an image folder or tar shards; repeatable)")
+    if not values["model"] and not values["from_scratch"] and set(values["data"]) != {"demo"} and not given.get(
+            "resume"):
+        raise UserError("train: --data without --model would train the demo's small pixel-space model from scratch on "
+                        "your images at 16×16 px: give --model SD1.5_CHECKPOINT to fine-tune SD1.5 (--from-scratch if "
+                        "the demo's model is what you want)")
     return Settings(**values)
 
 
