@@ -18,8 +18,8 @@ sample is counted once, under the first test it fails, in this order:
   unscored       (with drop_unscored) it lacks a score that an active filter reads; without it, it is kept and counted.
 The three score columns are those img2dataset copies from LAION's parquet into each json; keys match in any case, and
 a score that is absent, null or not a finite number counts as missing. They are off by default. Files that cannot be
-read (empty, not an image, decompression bomb, truncated shard) are skipped, counted in Loader.stats["bad_files"] and
-named in a warning; nothing in a file can stop a run.
+read (empty, not an image, unreadable, decompression bomb, truncated shard, a caption that is binary, not text) are
+skipped, counted in Loader.stats["bad_files"] and named in a warning; nothing in a file can stop a run.
 
 The folder scan reads headers and sidecars in the loader's worker processes and caches what it learns in
 FOLDER/.zd_scan.json: an entry is reused while the file's size and mtime and its sidecars' mtimes are unchanged, so the
@@ -185,25 +185,33 @@ def load_image(src, size, u=0.5, v=0.5):
 
 
 def decode_caption(raw):
-    """Caption text from bytes: a BOM picks UTF-8 or UTF-16; else UTF-8, falling back to Latin-1 (which never fails).
-    Whitespace runs become one space. Long captions are kept whole: the tokenizer truncates to 77 tokens."""
+    """Caption text from bytes: a BOM picks UTF-8 or UTF-16; else UTF-8, falling back to Windows-1252, then Latin-1
+    (which never fails). NULs go (UTF-16 without a BOM), whitespace runs become one space. Long captions are kept whole:
+    the tokenizer truncates to 77 tokens. BadImage("binary caption") when the bytes are not text: control characters
+    (random bytes, an image's header) or nothing but NULs."""
     if raw.startswith(b"\xef\xbb\xbf"):
         text = raw[3:].decode("utf-8", errors="replace")
     elif raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         text = raw.decode("utf-16", errors="replace")
     else:
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            text = raw.decode("latin-1")
-    return " ".join(text.replace("\x00", "").split())
+        for encoding in ("utf-8", "cp1252", "latin-1"):
+            try:
+                text = raw.decode(encoding)
+                break
+            except UnicodeDecodeError:
+                continue
+    kept = text.replace("\x00", "")
+    controls = sum(c < " " and c not in "\t\n\r\v\f" or "\x7f" <= c <= "\x9f" for c in kept)
+    if controls or (text and not kept):
+        raise BadImage("binary caption", f"{controls} control characters in {len(text)}" if controls else "only NULs")
+    return " ".join(kept.split())
 
 
 def _parse_json(raw):
     """A sidecar json as a dict; {} when it is unreadable (it only adds a caption, the original size and scores)."""
     try:
         meta = json.loads(decode_caption(raw))
-    except (ValueError, RecursionError):  # RecursionError: thousands of nested brackets
+    except (ValueError, RecursionError, BadImage):  # RecursionError: thousands of nested brackets
         return {}
     return meta if isinstance(meta, dict) else {}
 
@@ -459,9 +467,10 @@ def shard_record(files):
     meta = _parse_json(files["json"]) if "json" in files else {}
     try:
         w, h = upright_size(open_image(files[ext]))
+        caption = decode_caption(files["txt"]) if "txt" in files else None
     except BadImage as e:
         return _bad(e.reason, e.detail), None
-    return _record(meta, w, h, decode_caption(files["txt"]) if "txt" in files else None), files[ext]
+    return _record(meta, w, h, caption), files[ext]
 
 
 class _Map(torch.utils.data.Dataset):

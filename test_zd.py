@@ -1037,6 +1037,24 @@ def test_captions_in_odd_encodings_and_long_captions(tmp_path):
     assert [it.caption for it in items] == [text] * 3 + [long]
 
 
+def test_binary_captions_are_counted_and_skipped(tmp_path, capsys):
+    """Captions that are not text (random bytes, a JPEG's first 2 kB, NULs) are not trained on as Latin-1 mojibake:
+    `zd.py data` counts and names them; Windows-1252 text still decodes."""
+    captions = {"good": "“quoted” café".encode("cp1252"), "random": np.random.default_rng(0).bytes(200),
+                "jpeg": _data_noise_jpeg((64, 64))[:2048], "nul": b"\x00" * 64}
+    for name, raw in captions.items():
+        (tmp_path / f"{name}.png").write_bytes(_data_png())
+        (tmp_path / f"{name}.txt").write_bytes(raw)
+    zd.main(["data", "--data", str(tmp_path), "--json", "--min-side", "1", "--batch-size", "1", "--sheet", "",
+             *TINY_FLAGS])
+    out = capsys.readouterr()
+    report = json.loads(out.out)
+    assert report["kept"] == 1 and report["dropped"]["binary caption"] == 3, report
+    assert re.search(r"skipped .*random\.png: binary caption: \d+ control characters", out.err)
+    assert "nul.png: binary caption: only NULs" in out.err
+    assert data.decode_caption(captions["good"]) == "“quoted” café"
+
+
 def test_tar_shard_cut_mid_member_keeps_the_good_samples(tmp_path):
     samples = [(f"{k:05d}", {"jpg": _data_noise_jpeg((40, 40), k), "txt": f"sample {k}".encode()}) for k in range(4)]
     path = _data_shard(tmp_path / "00000.tar", samples)
