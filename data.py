@@ -22,9 +22,10 @@ read (empty, not an image, unreadable, decompression bomb, truncated shard, a ca
 skipped, counted in Loader.stats["bad_files"] and named in a warning; nothing in a file can stop a run.
 
 The folder scan reads headers and sidecars in the loader's worker processes and caches what it learns in
-FOLDER/.zd_scan.json: an entry is reused while the file's size and mtime and its sidecars' mtimes are unchanged, so the
-scans after the first (`zd.py data`, then `zd.py train`, then every rank) open no image. Loader.survey is the data side
-of training without a model (`zd.py data`): counts, buckets, batches per epoch, captions, contact sheets of the crops.
+FOLDER/.zd_scan.json: an entry is reused while the file's size, mtime and ctime (which permissions change) and its
+sidecars' mtimes and ctimes are unchanged, so the scans after the first (`zd.py data`, then `zd.py train`, then
+every rank) open no image. Loader.survey is the data side of training without a model (`zd.py data`): counts, buckets,
+batches per epoch, captions, contact sheets of the crops.
 
 Buckets: `buckets()` makes kohya-style aspect buckets (defaults: the five ZD buckets of ≈512²). Each image goes to the
 bucket nearest in aspect by |log(w/h) − log(bw/bh)| (symmetric under transpose, unlike |w/h − bw/bh|), is resized to
@@ -126,6 +127,8 @@ def open_image(src):
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
         raise BadImage("decompression bomb", str(e))
     except Exception as e:  # PIL signals unreadable input with many exception types
+        if isinstance(e, OSError) and e.errno is not None:  # the file, not its content: permissions, a dangling link
+            raise BadImage("unreadable", f"{type(e).__name__}: {e.strerror}")
         raise BadImage("empty file" if _is_empty(src) else "not an image", f"{type(e).__name__}: {e}")
     if img.width * img.height > MAX_PIXELS:
         raise BadImage("decompression bomb", f"{img.width}×{img.height}")
@@ -491,11 +494,13 @@ def _as_is(x):  # a DataLoader's collate_fn for results without tensors (the def
 
 
 def _stamp(path, sidecars):
-    """What invalidates a cached record: the file's mtime and size and its sidecars' mtimes."""
+    """What invalidates a cached record: the file's mtime, ctime and size and its sidecars' mtimes and ctimes. The
+    ctime changes with permissions and owner too (chmod keeps the mtime), and they decide whether a file is readable."""
     try:
         st = os.stat(path)
         stem = os.path.splitext(path)[0]
-        return [st.st_mtime_ns, st.st_size] + [os.stat(stem + ext).st_mtime_ns for ext in sidecars]
+        return [st.st_mtime_ns, st.st_ctime_ns, st.st_size] + [t for ext in sidecars for t in (
+            os.stat(stem + ext).st_mtime_ns, os.stat(stem + ext).st_ctime_ns)]
     except OSError:  # a dangling link: never cached; folder_record says why it is unreadable
         return None
 

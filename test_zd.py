@@ -1228,6 +1228,30 @@ def test_scan_cache_reads_no_header_twice_and_follows_changes(tmp_path, monkeypa
     assert items_again == items and info["cache_error"].startswith("IsADirectoryError")
 
 
+def test_an_unreadable_image_is_named_so_even_after_a_cached_scan(tmp_path, capsys, monkeypatch):
+    """A file the user may not read is "unreadable (PermissionError)", not "not an image"; chmod keeps the mtime, but
+    the cached scan notices it."""
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.png").write_bytes(_data_png())
+    open_image = data.Image.open
+
+    def open_as_a_user(src, *a, **k):                      # root reads any file: refuse as for anyone else
+        if isinstance(src, str) and not os.stat(src).st_mode & 0o444:
+            raise PermissionError(13, "Permission denied", src)
+        return open_image(src, *a, **k)
+    monkeypatch.setattr(data.Image, "open", open_as_a_user)
+    argv = ["data", "--data", str(tmp_path), "--json", "--min-side", "1", "--batch-size", "1", "--sheet", "",
+            *TINY_FLAGS]
+    zd.main(argv)
+    assert json.loads(capsys.readouterr().out)["kept"] == 2
+    os.chmod(tmp_path / "b.png", 0)
+    zd.main(argv)
+    out = capsys.readouterr()
+    report = json.loads(out.out)
+    assert report["kept"] == 1 and report["dropped"]["unreadable"] == 1 and "not an image" not in report["dropped"]
+    assert f"skipped {tmp_path / 'b.png'}: unreadable: PermissionError: Permission denied" in out.err
+
+
 def test_parallel_scan_equals_the_scan_in_one_process(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "SCAN_CHUNK", 3)  # 13 images: 5 tasks for 2 worker processes
     folder = _data_scored_folder(tmp_path / "f")
