@@ -615,6 +615,9 @@ def read_diffusers(folder, device="cpu"):
     """A diffusers pipeline folder's unet, vae and text_encoder weights under single-file (LDM) names."""
     folder = Path(folder)
     if not (folder / "unet").is_dir():
+        if (folder / "model_ema.safetensors").exists():
+            raise ValueError(f"{folder} is a zd run folder, not a model: give {folder / 'model_ema.safetensors'} "
+                             "(the EMA weights, to sample and ship) or model.safetensors (the raw ones)")
         raise ValueError(f"{folder} is a folder but no diffusers pipeline (it has no unet/): give a .safetensors file, "
                          "or a folder with unet/, vae/ and text_encoder/")
 
@@ -781,6 +784,9 @@ def load(path, vae_path=None, ema=None, *, dtype=torch.float32, device="cpu", ve
         sd, metadata, layout = read_diffusers(path, device), {}, "diffusers"
     else:
         (sd, metadata), layout = read_safetensors(path, device), "single"
+    if any(k.startswith("opt.") for k in sd) and not any(k.startswith(UNET_PREFIX) for k in sd):
+        raise ValueError(f"{path} is zd's train state (UNet, EMA and optimiser moments, for --resume), not a model: give "
+                         f"{path.with_name('model_ema.safetensors')} (the EMA weights, to sample and ship)")
     total = len(sd)
     prediction, ztsnr = markers(path, sd, metadata)
     for k in [k for k in sd if k.startswith("cond_stage_model.transformer.") and not k.startswith(CLIP_PREFIX)]:

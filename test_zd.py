@@ -2643,6 +2643,17 @@ def test_a_failed_save_with_loader_workers_exits_at_once(tmp_path, error):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_zd_s_own_outputs_given_as_a_model_say_what_to_give(tmp_path, capsys):
+    """A run folder or its train state where a model belongs: one line naming the run's model_ema.safetensors."""
+    _train(tmp_path, "--steps", "1")
+    ema = tmp_path / "model_ema.safetensors"
+    for command in (["sample", "--prompt", "x", "--model"], ["inspect"]):
+        err = refused(capsys, *command, str(tmp_path))
+        assert f"{tmp_path} is a zd run folder, not a model: give {ema} (the EMA weights" in err
+        err = refused(capsys, *command, str(tmp_path / "train_state.safetensors"))
+        assert "is zd's train state (UNet, EMA and optimiser moments, for --resume), not a model: give " + str(ema) in err
+
+
 def test_checkpoints_are_written_with_the_umask_s_mode(tmp_path):
     """Not the 0600 of safetensors' temporary file: teammates on a shared machine read the checkpoints."""
     umask = os.umask(0o002)
