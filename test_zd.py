@@ -2600,6 +2600,16 @@ def test_flag_values_are_checked_where_they_are_parsed(capsys, argv, message):
     assert message in refused(capsys, *argv, status=2)
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--stpes", "60"], "zd.py train: unrecognized arguments: --stpes 60; did you mean --steps? (see zd.py "
+                                 "train --help)"),
+    (["train", "--sample_every=5", "--lrr", "1"], "did you mean --sample-every, --lr? (see zd.py train --help)"),
+    (["schedule", "--stpes", "3"], "did you mean --steps? (see zd.py schedule --help)"),
+    (["schedule", "--xyzzy"], "zd.py schedule: unrecognized arguments: --xyzzy (see zd.py schedule --help)")])
+def test_a_mistyped_flag_gets_the_nearest_of_its_subcommand(capsys, argv, message):
+    assert message in refused(capsys, *argv, status=2)
+
+
 def test_a_full_disk_during_a_save_leaves_the_previous_files_whole(tmp_path, capsys, monkeypatch):
     """The second save fails half-way (no space left): the files of the first are unchanged, and the run says so."""
     out = tmp_path / "run"

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import difflib
 import functools
 import importlib.util
 import json
@@ -1097,10 +1098,27 @@ def survey(args):
 # The command line
 
 class Parser(argparse.ArgumentParser):
-    """argparse, with a mistake in the flags said on one line (the usage is one --help away)."""
+    """argparse, with a mistake in the flags said on one line (the usage is one --help away), and a flag that is not
+    one answered by its subcommand with the nearest it has (difflib)."""
 
     def error(self, message):
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+    def add_subparsers(self, **kw):
+        action = super().add_subparsers(**kw)
+        self.commands = action.choices                     # name → its parser, whose flags a typo is matched against
+        return action
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:      # said by the subcommand's parser, which knows the flags a typo was meant to be
+            command = getattr(self, "commands", {}).get(getattr(parsed, "command", None), self)
+            flags = [flag for action in command._actions for flag in action.option_strings]
+            typed = [arg.split("=")[0] for arg in unknown if arg.startswith("--")]
+            near = [m for arg in typed for m in difflib.get_close_matches(arg.replace("_", "-"), flags, 1, 0.6)]
+            command.error(f"unrecognized arguments: {' '.join(unknown)}"
+                          + (f"; did you mean {', '.join(dict.fromkeys(near))}?" if near else ""))
+        return parsed
 
 
 def add_settings(p):
