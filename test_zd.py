@@ -2653,6 +2653,23 @@ def test_a_failed_save_with_loader_workers_exits_at_once(tmp_path, error):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_resume_says_what_it_keeps_and_when_there_is_nothing_to_do(tmp_path, capsys):
+    """--resume with settings it cannot change: one line saying what is kept and how to change it; --resume of a
+    finished run: nothing to do, no file rewritten."""
+    _train(tmp_path, "--steps", "1")
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.iterdir() if p.is_file()}
+    capsys.readouterr()
+    zd.main(["train", "--out", str(tmp_path), "--resume"])
+    assert capsys.readouterr().out == f"train: the run in {tmp_path} is at step 1 of --steps 1: nothing to do (a " \
+                                      "larger --steps continues it)\n"
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.iterdir() if p.is_file()} == before
+    zd.main(["train", "--out", str(tmp_path), *TINY_TRAIN, "--resume", "--steps", "2", "--lr", "0.5", "--batch-size",
+             "8"])
+    said = [line for line in capsys.readouterr().out.splitlines() if "--resume keeps" in line]
+    assert said == ["train: --resume keeps the run's --batch-size 4 (not 8), --lr 0.001 (not 0.5); to change them, "
+                    "start a new run: --overwrite, or a new --out"]
+
+
 def test_zd_s_own_outputs_given_as_a_model_say_what_to_give(tmp_path, capsys):
     """A run folder or its train state where a model belongs: one line naming the run's model_ema.safetensors."""
     _train(tmp_path, "--steps", "1")

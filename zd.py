@@ -188,11 +188,16 @@ T_BINS = 10  # the loss is also logged per timestep bin of 100 (as minRF does), 
 def train(args):
     """Fine-tune SD1.5's UNet with the ZeroDiffusion recipe: v-prediction on the zero-terminal-SNR schedule, min-SNR-γ
     weights, IP noise, caption dropout, AdamW, EMA, with CLIP and the VAE frozen. Without --model: the demo, a small
-    pixel-space model from scratch on procedural images. `args`: parsed flags or Settings. Returns (UNet, EMA)."""
+    pixel-space model from scratch on procedural images. `args`: parsed flags or Settings. Returns (UNet, EMA), or
+    (None, None) when a resumed run has no step left to do."""
     s = args if isinstance(args, Settings) else settings(args)
     rank, world, device = init_distributed(s.device)
     ddp, cuda = torch.distributed.is_initialized(), device.type == "cuda"
     log = print if rank == 0 else (lambda *a, **k: None)
+    if s.resume and (done := json.loads(Path(s.out, "train_state.json").read_text())["step"]) >= s.steps:
+        log(f"train: the run in {s.out} is at step {done} of --steps {s.steps}: nothing to do (a larger --steps "
+            "continues it)")
+        return None, None
     check_fresh(s)
     check_writable(s.out)
     interrupts = Interrupts(log)
@@ -343,7 +348,11 @@ def settings(args):
             raise UserError(f"train: --resume: the run in {out} is the demo, trained from scratch: it takes no --model")
         ignored = {k: v for k, v in given.items() if k not in RESUME_MAY_CHANGE and k in saved and v != saved[k]}
         if ignored:
-            print(f"train: --resume continues the run's own settings; ignoring {ignored}")
+            show = lambda v: " ".join(map(str, v)) if isinstance(v, (list, tuple)) else v
+            kept = ", ".join(f"--{k.replace('_', '-')} {show(saved[k])} (not {show(v)})" for k, v in ignored.items())
+            new = (f"--model {out}/model_ema.safetensors and a new --out" if saved.get("model") else
+                   "--overwrite, or a new --out")
+            print(f"train: --resume keeps the run's {kept}; to change them, start a new run: {new}")
         values |= saved
         given = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}
     values |= given
