@@ -803,6 +803,14 @@ def leave_signals_to_parent(worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+class NoFullBatch(ValueError):
+    """Raised by Loader when no bucket holds a full global batch: it cannot train, but `loader` can still survey."""
+
+    def __init__(self, loader, message):
+        super().__init__(message)
+        self.loader = loader
+
+
 class Loader:
     """Batches for the training loop: `for batch in Loader(...).batches(start)` is endless, one bucket per batch:
       pixels [B, 3, H, W] float32 in [−1, 1]; captions list[str] after dropout; dropped bool [B]; index int64 [B]
@@ -875,8 +883,8 @@ class Loader:
                   f"leaves out {plural(tail, 'image')}, a bucket's last incomplete global batch (different images "
                   "every epoch)")
         if not self.batches_per_epoch:
-            raise ValueError(f"no bucket holds a full global batch of {g} images: lower the batch size, or keep more "
-                             "images (min-side, the score filters)")
+            raise NoFullBatch(self, f"no bucket holds a full global batch of {g} images: lower the batch size, or keep "
+                              "more images (min-side, the score filters)")
 
     def _log(self, msg):
         if self.rank == 0:
@@ -962,8 +970,6 @@ class Loader:
             scan = dict(images=n, cached=0, seconds=time.perf_counter() - t0, workers=workers)
             self._log(f"scanned {plural(len(self.shards), 'shard')}: {scan_line(scan)}")
             self._log(count_line(stats))
-            if not stats["kept"]:
-                raise ValueError("no sample of the shards passes the filters: lower min-side or the score filters")
             self._log("per bucket: " + ", ".join(f"{w}×{h}: {per_bkt[(w, h)]:,}" for w, h in self.buckets))
             per_epoch, left_out, trained = stats["kept"] // g, 0, stats["kept"]
             self._log(f"epoch ≈ {plural(per_epoch, 'global batch', 'global batches')} of {g}; nothing is left out: "

@@ -1342,6 +1342,15 @@ def test_zd_data_user_errors_are_one_line(tmp_path, capsys):
                            (["--data", str(tmp_path / "*.tar")], "data: no shard matches"),
                            (["--data", folder, "--min-aesthetic", "9", "--drop-unscored"], "data: no bucket holds")]:
         assert re.search(message, refused(capsys, "data", *flags, "--sheet", ""))
+    shard = _data_shard(tmp_path / "00000.tar", [("a", {"jpg": _data_noise_jpeg((40, 40)), "txt": b"small"})])
+    assert "data: no sample passes the filters: lower --min-side" in refused(capsys, "data", "--data", shard, "--sheet",
+                                                                             "")
+    with pytest.raises(SystemExit) as e:     # refused with --json: the report still comes, so a script sees why
+        zd.main(["data", "--data", folder, "--min-aesthetic", "9", "--drop-unscored", "--sheet", "", "--json"])
+    out = capsys.readouterr()
+    report = json.loads(out.out)
+    assert e.value.code == 1 and report["kept"] == 0 and report["dropped"]["min-aesthetic"] == 5, report
+    assert out.err.splitlines()[-1].startswith("data: no bucket holds a full global batch")
     assert "--batch-size: 0 is below 1" in refused(capsys, "data", "--data", folder, "--batch-size", "0", status=2)
     with pytest.raises(SystemExit) as e:
         zd.main(["data", "--data", folder, "--max-watermark", "1.5"])

@@ -1091,15 +1091,23 @@ def survey(args):
     dropped by reason, images per bucket, batches per epoch, caption statistics, scan speed; a contact sheet per
     bucket in --sheet, of training crops with their captions."""
     tokenizer = model.Tokenizer.default()
+    refusal = None
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():  # keep stdout JSON
         try:
-            loader = data.Loader(args.data, args.batch_size, world_size=args.world_size,
-                                 **{k: getattr(args, k) for k in LOADER_SETTINGS})
+            try:
+                loader = data.Loader(args.data, args.batch_size, world_size=args.world_size,
+                                     **{k: getattr(args, k) for k in LOADER_SETTINGS})
+            except data.NoFullBatch as e:       # refused, after the report: what was found, dropped and why
+                loader, refusal = e.loader, str(e)
             report = loader.survey(args.sheet, args.per_bucket, lambda texts: map(len, tokenizer.tokens(texts)))
         except (FileNotFoundError, ValueError) as e:  # the Loader's errors name the setting to change
             raise UserError(f"data: {e}") from None
+    if not report["kept"]:
+        refusal = refusal or "no sample passes the filters: lower --min-side or the score filters"
     if args.json:
         print(json.dumps(report, indent=1))
+    if refusal:
+        raise UserError(f"data: {refusal}")
     return report
 
 
@@ -1176,7 +1184,8 @@ def add_data_command(sub):
                    "(default 1)")
     s.add_argument("--sheet", default="data_preview", metavar="DIR", help="contact sheets' folder ('' for none)")
     s.add_argument("--per-bucket", type=at_least(1), default=16, help="images per contact sheet (default 16)")
-    s.add_argument("--json", action="store_true", help="print the report as JSON (the log goes to stderr)")
+    s.add_argument("--json", action="store_true", help="print the report as JSON, also when refused (the log goes to "
+                   "stderr)")
     s.set_defaults(func=survey)
 
 
