@@ -57,6 +57,7 @@ import signal
 import tarfile
 import tempfile
 import time
+import unicodedata
 import warnings
 from collections import Counter, namedtuple
 
@@ -1114,7 +1115,7 @@ def contact_sheet(tiles, path, title):
     h, w = tiles[0][1].shape[:2]
     scale = max(1, -(-SHEET_MIN_TILE // w))
     tw, th = w * scale, h * scale
-    font = ImageFont.load_default(max(12, tw // 28))  # legible when a wide sheet is shown scaled down
+    font = _sheet_font(max(12, tw // 28))  # legible when a wide sheet is shown scaled down
     line_h, pad = font.getbbox("Ág")[3] + 3, 6
     cols = math.ceil(math.sqrt(len(tiles)))
     rows = -(-len(tiles) // cols)
@@ -1134,8 +1135,21 @@ def contact_sheet(tiles, path, title):
     return boxes
 
 
+def _sheet_font(size):
+    """DejaVu Sans where it is installed (most Linux systems; PIL finds it in the system's font folders): it has the
+    glyphs of accented and most non-Latin captions. Else PIL's built-in font, which has ASCII's only."""
+    try:
+        return ImageFont.truetype("DejaVuSans.ttf", size)
+    except OSError:
+        return ImageFont.load_default(size)
+
+
 def _drawable(text, font):
-    """PIL's built-in bitmap font (Pillow without FreeType) draws Latin-1 only."""
+    """The caption as the font can draw it: DejaVu all of it; PIL's built-in fonts without accents (é → e, as they
+    would draw a box), and its bitmap font (Pillow without FreeType) in Latin-1."""
+    if getattr(font, "path", None) and str(font.path).endswith("DejaVuSans.ttf"):
+        return text
+    text = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
     return text if isinstance(font, ImageFont.FreeTypeFont) else text.encode("latin-1", "replace").decode("latin-1")
 
 

@@ -28,7 +28,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as zd.py sets it: spinnin
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFont
 from safetensors.torch import load_file, save_file
 
 import bench
@@ -1273,6 +1273,15 @@ def test_write_scan_folder_writes_the_readme_example(tmp_path):
     metas = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("000/*.json"))]
     assert {"aesthetic", "AESTHETIC_SCORE"} <= {k for m in metas for k in m}
     assert min(min(m["original_width"], m["original_height"]) for m in metas) >= 1024
+
+
+def test_contact_sheet_captions_draw_accents_not_boxes():
+    """Every character of an accented caption has a glyph in the sheet's font (not the box of a missing one); PIL's
+    built-in font, without accented glyphs, gets the caption without accents."""
+    font = data._sheet_font(20)
+    glyph = lambda c: np.asarray(font.getmask(c)).tobytes()
+    assert all(glyph(c) != glyph("\ue000") for c in data._drawable("crème brûlée, café", font))   # U+E000: none
+    assert data._drawable("crème brûlée, café", ImageFont.load_default(20)) == "creme brulee, cafe"
 
 
 def test_contact_sheets_are_the_training_crops_with_their_captions(tmp_path):
