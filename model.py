@@ -718,9 +718,9 @@ class SD:
 
     @torch.no_grad()
     def encode_prompts(self, prompts, device):
-        """CLIP embeddings [B, 77, C] of the prompts, float32 on `device`, warning when a prompt is cut to its first 75
-        tokens."""
-        for p in prompts:
+        """CLIP embeddings [B, 77, C] of the prompts, float32 on `device`, warning (once per prompt) when a prompt is
+        cut to its first 75 tokens."""
+        for p in dict.fromkeys(prompts):
             if (n := self.tokenizer.count(p)) > 75:
                 print(f"warning: prompt truncated to 75 CLIP tokens (it has {n}): {p[:60]!r}…", file=sys.stderr)
         ids = self.tokenizer(prompts).to(next(self.text_encoder.parameters()).device)

@@ -2120,7 +2120,7 @@ def test_seed_reproducible_and_initial_latent_documented():
     assert torch.equal(x_first, torch.cat([expected, expected]))      # [uncond; cond] halves, t = 999: x_T = noise
 
 
-def test_pixel_space_model(tmp_path):
+def test_pixel_space_model(tmp_path, capsys):
     """zd's demo models have no VAE: x_t is the image (3 channels at H×W, no /8) in [−1, 1]; the initial noise is
     torch.randn((n, 3, H, W), generator=...) and the output is the last x̂0 as uint8. Also through save → `zd.py sample`,
     whose guidance for a pixel-space model is the demo's unless --cfg says otherwise."""
@@ -2135,6 +2135,14 @@ def test_pixel_space_model(tmp_path):
     zd.main(["sample", "--model", str(tmp_path / "px.safetensors"), "--prompt", "a white square", "--steps", "2",
              "--seed", "1", "--width", "32", "--height", "32", "--device", "cpu", "--out", str(tmp_path / "px.png")])
     assert np.abs(np.array(Image.open(tmp_path / "px.png")).astype(int) - images[0].numpy()).max() <= 1
+    err = capsys.readouterr().err                             # not a terminal: whole lines, not a silent wait
+    assert re.search(r"^sampling: step 1/2  t=999 .*\nsampling: step 2/2  t=499 ", err, re.M), err
+
+
+def test_a_long_prompt_is_warned_about_once(capsys):
+    nets = model.SD(None, None, model.CLIPTextModel(model.CLIPConfig.tiny()), model.Tokenizer.default(), {})
+    nets.encode_prompts(["a long prompt " * 30] * 4 + ["short"], "cpu")
+    assert capsys.readouterr().err.count("warning: prompt truncated to 75 CLIP tokens") == 1
 
 
 @pytest.mark.parametrize("steps,strength", [(10, 0.6), (25, 0.8), (13, 0.5)])

@@ -767,8 +767,10 @@ def ddim(nets, x, context, ts, abar, prediction, guidance=7.5, rescale=0.7, know
     """Deterministic DDIM, η = 0 (Song et al. 2021, eq. 12), from x at ts[0] down the list ts (trailing spacing starts
     at t = 999, Lin et al. 2023, Table 2): at each t the UNet's output on [uncond; cond] is guided and rescaled
     (Lin et al. 2023, Alg. 2) and x steps to the next t of the list, ᾱ_prev = 1 after the last (the step returns x̂0).
-    `known`: the inpainting UNet's extra input channels, [mask (1), masked-image latent (4)]."""
-    start = time.time()
+    `known`: the inpainting UNet's extra input channels, [mask (1), masked-image latent (4)]. `progress`: a line
+    rewritten at each step on a terminal, else (a log) a line after the first step, every 10 s and at the end."""
+    start = last = time.time()
+    tty = sys.stderr.isatty()
     for i, t in enumerate(ts.tolist()):
         x_in = x if known is None else torch.cat([x, known], dim=1)
         x_in = torch.cat([x_in, x_in]) if guidance > 1 else x_in      # guidance ≤ 1: the conditional pass alone
@@ -777,10 +779,11 @@ def ddim(nets, x, context, ts, abar, prediction, guidance=7.5, rescale=0.7, know
         if guidance > 1:
             out = S.guidance(*out.chunk(2), guidance, rescale)        # on the raw model output (v or ε)
         x = S.ddim_step(x, out, abar[t], S.abar_at(abar, S.prev_timestep(ts, i)), prediction)
-        if progress:
-            print(f"\rsampling: step {i + 1}/{len(ts)}  t={t:3d}  {time.time() - start:5.1f}s", end="", file=sys.stderr,
-                  flush=True)
-    if progress:
+        if progress and (tty or time.time() - last >= 10 or i in (0, len(ts) - 1)):
+            print("\r" * tty + f"sampling: step {i + 1}/{len(ts)}  t={t:3d}  {time.time() - start:5.1f}s",
+                  end="" if tty else "\n", file=sys.stderr, flush=True)
+            last = time.time()
+    if progress and tty:
         print(file=sys.stderr)
     return x
 
@@ -851,7 +854,7 @@ def generate(nets, prompts, *, negative="", steps=25, guidance=7.5, rescale=0.7,
             # the image noised to the first step's ᾱ, x_t = √ᾱ·x0 + √(1−ᾱ)·ε (Ho et al. 2020, eq. 4); an inpainting
             # model at strength 1 starts from pure noise, as diffusers' inpainting pipeline does
             x = S.add_noise(latent(image).expand_as(noise), noise, abar[ts[0]])
-    x = ddim(nets, x, context, ts, abar, pred, guidance, rescale, known, progress and sys.stderr.isatty())
+    x = ddim(nets, x, context, ts, abar, pred, guidance, rescale, known, progress)
     return nets.decode(x)
 
 
