@@ -2626,6 +2626,23 @@ def test_flag_values_are_checked_where_they_are_parsed(capsys, argv, message):
     assert message in refused(capsys, *argv, status=2)
 
 
+def test_help_shows_each_setting_s_default_and_meaning(capsys, monkeypatch):
+    """train --help: --data's default without --model, not "(default ; demo demo)"; data --help: each flag's meaning,
+    not "as train's"."""
+    monkeypatch.setenv("COLUMNS", "250")                     # one line per flag
+    helps = {}
+    for command in ("train", "data"):
+        with pytest.raises(SystemExit):
+            zd.main([command, "--help"])
+        helps[command] = capsys.readouterr().out
+    assert "repeatable (without --model: demo)" in helps["train"] and "(default ;" not in helps["train"]
+    assert re.search(r"--steps STEPS +optimiser steps \(default 10000; demo 1500\)", helps["train"])
+    assert "as train's" not in helps["data"] and "(default None)" not in helps["data"]
+    assert re.search(r"--min-side MIN_SIDE +keep images whose original shortest side is ≥ this \(the recipe's data\) "
+                     r"\(default 1024\)", helps["data"])
+    assert re.search(r"--flip +random horizontal flips \(default off\)", helps["data"])
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train", "--stpes", "60"], "zd.py train: unrecognized arguments: --stpes 60; did you mean --steps? (see zd.py "
                                  "train --help)"),

@@ -1141,18 +1141,24 @@ class Parser(argparse.ArgumentParser):
         return parsed
 
 
+def show(value):
+    """A setting's value in --help."""
+    return " | ".join(map(str, value)) if isinstance(value, tuple) else "off" if value is False else value
+
+
 def add_settings(p):
     """One flag per Settings field, in its group; each defaults to None (not given), and its help shows the recipe's
     default and the demo's."""
     groups = {"model": "model and data", "prediction": "the recipe (ZeroDiffusion model card)",
               "steps": "optimisation", "resume": "run", "device": "hardware"}
-    show = lambda v: " | ".join(map(str, v)) if isinstance(v, tuple) else "off" if v is False else v
     group = p
     for f in dataclasses.fields(Settings):
         group = p.add_argument_group(groups[f.name]) if f.name in groups else group
         flag, help, kw = setting_flag(f)
-        default = f" (default {show(f.default)}{f'; demo {show(DEMO[f.name])}' if f.name in DEMO else ''})"
-        shown = default if f.default not in (None, ()) or f.name in DEMO else ""
+        shown = ([f"default {show(f.default)}"] if f.default not in (None, ()) else []) + (
+            [f"demo {show(DEMO[f.name])}" if f.default not in (None, ()) else f"without --model: {show(DEMO[f.name])}"]
+            if f.name in DEMO else [])
+        shown = f" ({'; '.join(shown)})" if shown else ""
         group.add_argument(flag, dest=f.name, default=None, help=(help + shown).replace("%", "%%"), **kw)
 
 
@@ -1178,11 +1184,13 @@ def add_data_command(sub):
     """The `data` subcommand: train's data settings, and what to print and draw."""
     s = sub.add_parser("data", help="see and filter the training data before training: counts, buckets, captions, "
                        "contact sheets of the crops", description=survey.__doc__)
-    s.add_argument("--data", action="append", required=True, metavar="SRC", help="as train's; repeatable")
     for f in dataclasses.fields(Settings):
         if f.name in LOADER_SETTINGS + ("batch_size",):
-            flag, _, kw = setting_flag(f)
-            s.add_argument(flag, default=f.default, help=f"as train's (default {f.default})", **kw)
+            flag, help, kw = setting_flag(f)
+            shown = "" if f.default is None else f" (default {show(f.default)})"
+            s.add_argument(flag, default=f.default, help=(help + shown).replace("%", "%%"), **kw)
+        elif f.name == "data":
+            s.add_argument("--data", action="append", required=True, metavar="SRC", help=f.metadata["help"])
     s.add_argument("--world-size", type=at_least(1), default=1, help="GPUs of the run, for its global batch "
                    "(default 1)")
     s.add_argument("--sheet", default="data_preview", metavar="DIR", help="contact sheets' folder ('' for none)")
