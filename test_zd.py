@@ -2713,6 +2713,12 @@ def test_resume_says_what_it_keeps_and_when_there_is_nothing_to_do(tmp_path, cap
                     "start a new run: --overwrite, or a new --out"]
 
 
+def test_a_warm_up_longer_than_the_run_is_said(tmp_path, capsys):
+    zd.main(["train", "--out", str(tmp_path), *TINY_TRAIN, "--steps", "2", "--warmup", "500", "--lr", "1e-5"])
+    assert "train: warning: --warmup 500 is longer than --steps 2: the lr ends at 4e-08, never reaching --lr 1e-05; " \
+           "lower --warmup" in capsys.readouterr().out
+
+
 def test_zd_s_own_outputs_given_as_a_model_say_what_to_give(tmp_path, capsys):
     """A run folder or its train state where a model belongs: one line naming the run's model_ema.safetensors."""
     _train(tmp_path, "--steps", "1")

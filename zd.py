@@ -241,6 +241,9 @@ def train(args):
     log(f"train: {s.prediction}-prediction, {s.schedule} schedule, min-SNR γ {s.min_snr_gamma:g}, IP noise γ "
         f"{s.ip_noise_gamma:g}, caption dropout {s.caption_dropout:g}, EMA {s.ema_decay:g}, lr {s.lr:g} ({s.warmup} "
         f"warm-up steps, then {s.lr_schedule}), {s.steps} steps → {s.out}")
+    if s.warmup > s.steps:
+        log(f"train: warning: --warmup {s.warmup} is longer than --steps {s.steps}: the lr ends at "
+            f"{get_lr(s.steps - 1, s.lr, s.warmup, s.steps):.3g}, never reaching --lr {s.lr:g}; lower --warmup")
     if rank == 0 and s.sample_every and not cuda and nets.vae is not None:
         log(f"train: each sample grid takes ≈ {grid_seconds(unet, s) / 60:.0f} min on this CPU "
             f"({4 * len(s.sample_prompts)} images, 25 steps, {s.sample_size[0]}×{s.sample_size[1]}); "
