@@ -17,6 +17,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import textwrap
 import time
 import types
 import zlib
@@ -719,6 +720,24 @@ def test_check_imports_only_schedule():
             "'schedule' in sys.modules, os.environ.get('OMP_WAIT_POLICY'))")
     out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["[]", "True", "None"]
+
+
+def test_readme_s_small_sd15_layout_model_trains_on_photos(tmp_path):
+    """The README's two commands to try the real path without SD1.5's 4 GB, verbatim but for the photos' folder and a
+    shorter run: they write a model of SD1.5's layout and train it on the photos, VAE and CLIP included."""
+    readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    text = readme[readme.index("**Trying the real path without SD1.5's 4 GB.**"):]
+    block = textwrap.dedent(text[text.index("\n    python") + 1:text.index("\n\n", text.index("\n    python"))])
+    (tmp_path / "photos").mkdir()
+    for i in range(2):
+        Image.new("RGB", (200, 150), (40 * i, 90, 200)).save(tmp_path / "photos" / f"{i}.jpg")
+    script = re.sub(r"^python ", f"{sys.executable} ", block, flags=re.M).replace("zd.py", os.path.join(HERE, "zd.py"))
+    script = script.replace("/data/photos", "photos") + " --steps 1 --batch-size 2 --workers 0 --sample-every 0"
+    run = subprocess.run(["bash", "-c", script], cwd=tmp_path, env={**os.environ, "PYTHONPATH": HERE},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and block.count("python ") == 2, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "train: step 1: wrote runs/try/model.safetensors" in run.stdout
+    assert model.load(tmp_path / "runs" / "try" / "model_ema.safetensors").vae.cfg == model.VAEConfig.tiny()
 
 
 def test_readme_snippet_runs_verbatim(tmp_path, monkeypatch):
