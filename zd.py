@@ -352,7 +352,6 @@ def settings(args):
             raise UserError(f"train: --resume: the run in {out} is the demo, trained from scratch: it takes no --model")
         ignored = {k: v for k, v in given.items() if k not in RESUME_MAY_CHANGE and k in saved and v != saved[k]}
         if ignored:
-            show = lambda v: " ".join(map(str, v)) if isinstance(v, (list, tuple)) else v
             kept = ", ".join(f"--{k.replace('_', '-')} {show(saved[k])} (not {show(v)})" for k, v in ignored.items())
             new = (f"--model {out}/model_ema.safetensors and a new --out" if saved.get("model") else
                    "--overwrite, or a new --out")
@@ -1146,8 +1145,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def show(value):
-    """A setting's value in --help."""
-    return " | ".join(map(str, value)) if isinstance(value, tuple) else "off" if value is False else value
+    """A setting's value as --help and messages show it."""
+    return " | ".join(map(str, value)) if isinstance(value, (tuple, list)) else "off" if value is False else value
 
 
 def add_settings(p):
