@@ -195,11 +195,11 @@ def train(args):
     rank, world, device = init_distributed(s.device)
     ddp, cuda = torch.distributed.is_initialized(), device.type == "cuda"
     log = print if rank == 0 else (lambda *a, **k: None)
+    check_fresh(s)
     if s.resume and (done := json.loads(Path(s.out, "train_state.json").read_text())["step"]) >= s.steps:
         log(f"train: the run in {s.out} is at step {done} of --steps {s.steps}: nothing to do (a larger --steps "
             "continues it)")
         return None, None
-    check_fresh(s)
     check_writable(s.out)
     interrupts = Interrupts(log)
 
