@@ -785,8 +785,8 @@ def load(path, vae_path=None, ema=None, *, dtype=torch.float32, device="cpu", ve
     else:
         (sd, metadata), layout = read_safetensors(path, device), "single"
     if any(k.startswith("opt.") for k in sd) and not any(k.startswith(UNET_PREFIX) for k in sd):
-        raise ValueError(f"{path} is zd's train state (UNet, EMA and optimiser moments, for --resume), not a model: give "
-                         f"{path.with_name('model_ema.safetensors')} (the EMA weights, to sample and ship)")
+        raise ValueError(f"{path} is zd's train state (UNet, EMA and optimiser moments, for --resume), not a model: "
+                         f"give {path.with_name('model_ema.safetensors')} (the EMA weights, to sample and ship)")
     total = len(sd)
     prediction, ztsnr = markers(path, sd, metadata)
     for k in [k for k in sd if k.startswith("cond_stage_model.transformer.") and not k.startswith(CLIP_PREFIX)]:

@@ -2746,7 +2746,8 @@ def test_zd_s_own_outputs_given_as_a_model_say_what_to_give(tmp_path, capsys):
         err = refused(capsys, *command, str(tmp_path))
         assert f"{tmp_path} is a zd run folder, not a model: give {ema} (the EMA weights" in err
         err = refused(capsys, *command, str(tmp_path / "train_state.safetensors"))
-        assert "is zd's train state (UNet, EMA and optimiser moments, for --resume), not a model: give " + str(ema) in err
+        assert "is zd's train state (UNet, EMA and optimiser moments, for --resume), not a model: give " \
+            + str(ema) in err
 
 
 def test_checkpoints_are_written_with_the_umask_s_mode(tmp_path):

@@ -135,8 +135,8 @@ class Settings:
     # -- run
     resume: bool = setting(False, "continue the run in --out: weights, EMA, optimiser, step, data position; its "
                            "settings are kept, except --steps, the intervals, sample prompts and hardware")
-    overwrite: bool = setting(False, "start a new run in an --out that holds an earlier one, replacing its checkpoints, "
-                              "train state and metrics (without it zd refuses)")
+    overwrite: bool = setting(False, "start a new run in an --out that holds an earlier one, replacing its "
+                              "checkpoints, train state and metrics (without it zd refuses)")
     save_every: int = setting(1000, "write the checkpoints and the train state every N steps", type=at_least(1))
     sample_every: int = setting(500, "write a grid of EMA samples every N steps, after saving; 0: never",
                                 type=at_least(0))
