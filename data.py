@@ -18,14 +18,14 @@ sample is counted once, under the first test it fails, in this order:
   unscored       (with drop_unscored) it lacks a score that an active filter reads; without it, it is kept and counted.
 The three score columns are those img2dataset copies from LAION's parquet into each json; keys match in any case, and
 a score that is absent, null or not a finite number counts as missing. They are off by default. Files that cannot be
-read (empty, not an image, decompression bomb, truncated shard) are skipped, counted in Loader.stats["bad_files"] and
-named in a warning; nothing in a file can stop a run.
+read (empty, not an image, unreadable, decompression bomb, truncated shard, a caption that is binary, not text) are
+skipped, counted in Loader.stats["bad_files"] and named in a warning; nothing in a file can stop a run.
 
 The folder scan reads headers and sidecars in the loader's worker processes and caches what it learns in
-FOLDER/.zd_scan.json: an entry is reused while the file's size and mtime and its sidecars' mtimes are unchanged, so the
-scans after the first (`zd.py data`, then `zd.py train`, then every rank) open no image. survey(loader), beside Loader,
-is the data side of training without a model (`zd.py data`): counts, buckets, batches per epoch, captions, contact
-sheets of the crops.
+FOLDER/.zd_scan.json: an entry is reused while the file's size, mtime and ctime (which permissions change) and its
+sidecars' mtimes and ctimes are unchanged, so the scans after the first (`zd.py data`, then `zd.py train`, then
+every rank) open no image. survey(loader), beside Loader, is the data side of training without a model (`zd.py data`):
+counts, buckets, batches per epoch, captions, contact sheets of the crops.
 
 Buckets: `buckets()` makes kohya-style aspect buckets (defaults: the five ZD buckets of ≈512²). Each image goes to the
 bucket nearest in aspect by |log(w/h) − log(bw/bh)| (symmetric under transpose, unlike |w/h − bw/bh|), is resized to
@@ -57,6 +57,7 @@ import signal
 import tarfile
 import tempfile
 import time
+import unicodedata
 import warnings
 from collections import Counter, namedtuple
 
@@ -126,6 +127,8 @@ def open_image(src):
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
         raise BadImage("decompression bomb", str(e))
     except Exception as e:  # PIL signals unreadable input with many exception types
+        if isinstance(e, OSError) and e.errno is not None:  # the file, not its content: permissions, a dangling link
+            raise BadImage("unreadable", f"{type(e).__name__}: {e.strerror}")
         raise BadImage("empty file" if _is_empty(src) else "not an image", f"{type(e).__name__}: {e}")
     if img.width * img.height > MAX_PIXELS:
         raise BadImage("decompression bomb", f"{img.width}×{img.height}")
@@ -194,25 +197,33 @@ def load_image(src, size, u=0.5, v=0.5):
 
 
 def decode_caption(raw):
-    """Caption text from bytes: a BOM picks UTF-8 or UTF-16; else UTF-8, falling back to Latin-1 (which never fails).
-    Whitespace runs become one space. Long captions are kept whole: the tokenizer truncates to 77 tokens."""
+    """Caption text from bytes: a BOM picks UTF-8 or UTF-16; else UTF-8, falling back to Windows-1252, then Latin-1
+    (which never fails). NULs go (UTF-16 without a BOM), whitespace runs become one space. Long captions are kept whole:
+    the tokenizer truncates to 77 tokens. BadImage("binary caption") when the bytes are not text: control characters
+    (random bytes, an image's header) or nothing but NULs."""
     if raw.startswith(b"\xef\xbb\xbf"):
         text = raw[3:].decode("utf-8", errors="replace")
     elif raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         text = raw.decode("utf-16", errors="replace")
     else:
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            text = raw.decode("latin-1")
-    return " ".join(text.replace("\x00", "").split())
+        for encoding in ("utf-8", "cp1252", "latin-1"):
+            try:
+                text = raw.decode(encoding)
+                break
+            except UnicodeDecodeError:
+                continue
+    kept = text.replace("\x00", "")
+    controls = sum(c < " " and c not in "\t\n\r\v\f" or "\x7f" <= c <= "\x9f" for c in kept)
+    if controls or (text and not kept):
+        raise BadImage("binary caption", f"{controls} control characters in {len(text)}" if controls else "only NULs")
+    return " ".join(kept.split())
 
 
 def _parse_json(raw):
     """A sidecar json as a dict; {} when it is unreadable (it only adds a caption, the original size and scores)."""
     try:
         meta = json.loads(decode_caption(raw))
-    except (ValueError, RecursionError):  # RecursionError: thousands of nested brackets
+    except (ValueError, RecursionError, BadImage):  # RecursionError: thousands of nested brackets
         return {}
     return meta if isinstance(meta, dict) else {}
 
@@ -469,9 +480,10 @@ def shard_record(files):
     meta = _parse_json(files["json"]) if "json" in files else {}
     try:
         w, h = upright_size(open_image(files[ext]))
+        caption = decode_caption(files["txt"]) if "txt" in files else None
     except BadImage as e:
         return _bad(e.reason, e.detail), None
-    return _record(meta, w, h, decode_caption(files["txt"]) if "txt" in files else None), files[ext]
+    return _record(meta, w, h, caption), files[ext]
 
 
 class _Map(torch.utils.data.Dataset):
@@ -492,11 +504,13 @@ def _as_is(x):  # a DataLoader's collate_fn for results without tensors (the def
 
 
 def _stamp(path, sidecars):
-    """What invalidates a cached record: the file's mtime and size and its sidecars' mtimes."""
+    """What invalidates a cached record: the file's mtime, ctime and size and its sidecars' mtimes and ctimes. The
+    ctime changes with permissions and owner too (chmod keeps the mtime), and they decide whether a file is readable."""
     try:
         st = os.stat(path)
         stem = os.path.splitext(path)[0]
-        return [st.st_mtime_ns, st.st_size] + [os.stat(stem + ext).st_mtime_ns for ext in sidecars]
+        return [st.st_mtime_ns, st.st_ctime_ns, st.st_size] + [t for ext in sidecars for t in (
+            os.stat(stem + ext).st_mtime_ns, os.stat(stem + ext).st_ctime_ns)]
     except OSError:  # a dangling link: never cached; folder_record says why it is unreadable
         return None
 
@@ -569,7 +583,9 @@ def _write_cache(path, files):
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", dir=os.path.dirname(path))
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the cache from others who read the data
+        umask = os.umask(0o022)  # mkstemp's 0600 would hide the cache from others who read the data: the umask's mode
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with open(fd, "w", encoding="utf-8") as f:
             f.write(json.dumps({"zd_scan": 1, "files": files}, separators=(",", ":")))  # dumps: C, dump: Python
         os.replace(tmp, path)
@@ -797,6 +813,14 @@ def leave_signals_to_parent(worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+class NoFullBatch(ValueError):
+    """Raised by Loader when no bucket holds a full global batch: it cannot train, but `loader` can still survey."""
+
+    def __init__(self, loader, message):
+        super().__init__(message)
+        self.loader = loader
+
+
 class Loader:
     """Batches for the training loop: `for batch in Loader(...).batches(start)` is endless, one bucket per batch:
       pixels [B, 3, H, W] float32 in [−1, 1]; captions list[str] after dropout; dropped bool [B]; index int64 [B]
@@ -869,8 +893,8 @@ class Loader:
                   f"leaves out {plural(tail, 'image')}, a bucket's last incomplete global batch (different images "
                   "every epoch)")
         if not self.batches_per_epoch:
-            raise ValueError(f"no bucket holds a full global batch of {g} images: lower the batch size, or keep more "
-                             "images (min-side, the score filters)")
+            raise NoFullBatch(self, f"no bucket holds a full global batch of {g} images: lower the batch size, or keep "
+                              "more images (min-side, the score filters)")
 
     def _log(self, msg):
         if self.rank == 0:
@@ -957,8 +981,6 @@ def survey(loader, sheet=None, per_bucket=16, count_tokens=None):
         scan = dict(images=n, cached=0, seconds=time.perf_counter() - t0, workers=workers)
         loader._log(f"scanned {plural(len(loader.shards), 'shard')}: {scan_line(scan)}")
         loader._log(count_line(stats))
-        if not stats["kept"]:
-            raise ValueError("no sample of the shards passes the filters: lower min-side or the score filters")
         loader._log("per bucket: " + ", ".join(f"{w}×{h}: {per_bkt[(w, h)]:,}" for w, h in loader.buckets))
         per_epoch, left_out, trained = stats["kept"] // g, 0, stats["kept"]
         loader._log(f"epoch ≈ {plural(per_epoch, 'global batch', 'global batches')} of {g}; nothing is left out: "
@@ -982,6 +1004,7 @@ def survey(loader, sheet=None, per_bucket=16, count_tokens=None):
                               over_75_tokens=captions["over_75_tokens"] if count_tokens else None,
                               words=words.most_common(12)),
                 scan=scan, sheets=sheets)
+
 
 def contact_sheets(loader, folder, picks, per_bkt):
     """survey's contact sheets: folder/WxH.png for each bucket with images (contact_sheet); {"WxH": {path, tiles}}
@@ -1103,7 +1126,7 @@ def contact_sheet(tiles, path, title):
     h, w = tiles[0][1].shape[:2]
     scale = max(1, -(-SHEET_MIN_TILE // w))
     tw, th = w * scale, h * scale
-    font = ImageFont.load_default(max(12, tw // 28))  # legible when a wide sheet is shown scaled down
+    font = _sheet_font(max(12, tw // 28))  # legible when a wide sheet is shown scaled down
     line_h, pad = font.getbbox("Ág")[3] + 3, 6
     cols = math.ceil(math.sqrt(len(tiles)))
     rows = -(-len(tiles) // cols)
@@ -1123,8 +1146,21 @@ def contact_sheet(tiles, path, title):
     return boxes
 
 
+def _sheet_font(size):
+    """DejaVu Sans where it is installed (most Linux systems; PIL finds it in the system's font folders): it has the
+    glyphs of accented and most non-Latin captions. Else PIL's built-in font, which has ASCII's only."""
+    try:
+        return ImageFont.truetype("DejaVuSans.ttf", size)
+    except OSError:
+        return ImageFont.load_default(size)
+
+
 def _drawable(text, font):
-    """PIL's built-in bitmap font (Pillow without FreeType) draws Latin-1 only."""
+    """The caption as the font can draw it: DejaVu all of it; PIL's built-in fonts without accents (é → e, as they
+    would draw a box), and its bitmap font (Pillow without FreeType) in Latin-1."""
+    if getattr(font, "path", None) and str(font.path).endswith("DejaVuSans.ttf"):
+        return text
+    text = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
     return text if isinstance(font, ImageFont.FreeTypeFont) else text.encode("latin-1", "replace").decode("latin-1")
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as BPETokenizer
@@ -616,6 +617,9 @@ def read_diffusers(folder, device="cpu"):
     """A diffusers pipeline folder's unet, vae and text_encoder weights under single-file (LDM) names."""
     folder = Path(folder)
     if not (folder / "unet").is_dir():
+        if (folder / "model_ema.safetensors").exists():
+            raise ValueError(f"{folder} is a zd run folder, not a model: give {folder / 'model_ema.safetensors'} "
+                             "(the EMA weights, to sample and ship) or model.safetensors (the raw ones)")
         raise ValueError(f"{folder} is a folder but no diffusers pipeline (it has no unet/): give a .safetensors file, "
                          "or a folder with unet/, vae/ and text_encoder/")
 
@@ -716,9 +720,9 @@ class SD:
 
     @torch.no_grad()
     def encode_prompts(self, prompts, device):
-        """CLIP embeddings [B, 77, C] of the prompts, float32 on `device`, warning when a prompt is cut to its first 75
-        tokens."""
-        for p in prompts:
+        """CLIP embeddings [B, 77, C] of the prompts, float32 on `device`, warning (once per prompt) when a prompt is
+        cut to its first 75 tokens."""
+        for p in dict.fromkeys(prompts):
             if (n := self.tokenizer.count(p)) > 75:
                 print(f"warning: prompt truncated to 75 CLIP tokens (it has {n}): {p[:60]!r}…", file=sys.stderr)
         ids = self.tokenizer(prompts).to(next(self.text_encoder.parameters()).device)
@@ -800,6 +804,9 @@ def load(path, vae_path=None, ema=None, *, dtype=torch.float32, device="cpu", ve
         sd, metadata, layout = read_diffusers(path, device), {}, "diffusers"
     else:
         (sd, metadata), layout = read_safetensors(path, device), "single"
+    if any(k.startswith("opt.") for k in sd) and not any(k.startswith(UNET_PREFIX) for k in sd):
+        raise ValueError(f"{path} is zd's train state (UNet, EMA and optimiser moments, for --resume), not a model: "
+                         f"give {path.with_name('model_ema.safetensors')} (the EMA weights, to sample and ship)")
     total = len(sd)
     prediction, ztsnr = markers(path, sd, metadata)
     for k in [k for k in sd if k.startswith("cond_stage_model.transformer.") and not k.startswith(CLIP_PREFIX)]:
@@ -964,14 +971,27 @@ def save(path, unet, text_encoder, vae=None, *, half=False, prediction="v", ztsn
 
 def atomic_write(path, write):
     """write(tmp) then rename over path: readers never see a half-written checkpoint, and a failed write leaves the
-    previous file as it was."""
+    previous file as it was. A failed write raises OSError, safetensors' own I/O errors (a full disk) included."""
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     try:
         write(str(tmp))
-    except BaseException:                  # a full disk, an interrupt: the previous file stays, the partial one goes
+    except BaseException as e:             # a full disk, an interrupt: the previous file stays, the partial one goes
         tmp.unlink(missing_ok=True)
+        # safetensors raises its I/O errors as SafetensorError("... I/O error: TEXT (os error N) ..."), not OSError
+        io = re.search(r"I/O error: (.*?) \(os error (\d+)\)", str(e)) if isinstance(e, SafetensorError) else None
+        if io:
+            raise OSError(int(io[2]), io[1], str(path)) from e
         raise
+    os.chmod(tmp, new_file_mode())         # safetensors writes 0600 temporary files, and the mode survives the rename
     os.replace(tmp, path)
+
+
+def new_file_mode():
+    """The mode open() gives a new file, 0o666 less the umask: files others on a shared machine may read (reading the
+    umask sets it, so it is set straight back)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def save_train_state(folder, meta, unet, ema, opt):

@@ -18,6 +18,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import textwrap
 import time
 import types
 import zlib
@@ -29,7 +30,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as zd.py sets it: spinnin
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFont
 from safetensors.torch import load_file, save_file
 
 import bench
@@ -1185,6 +1186,24 @@ def test_check_imports_only_schedule():
     assert out.split() == ["[]", "True", "None"]
 
 
+def test_readme_s_small_sd15_layout_model_trains_on_photos(tmp_path):
+    """The README's two commands to try the real path without SD1.5's 4 GB, verbatim but for the photos' folder and a
+    shorter run: they write a model of SD1.5's layout and train it on the photos, VAE and CLIP included."""
+    readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    text = readme[readme.index("**Trying the real path without SD1.5's 4 GB.**"):]
+    block = textwrap.dedent(text[text.index("\n    python") + 1:text.index("\n\n", text.index("\n    python"))])
+    (tmp_path / "photos").mkdir()
+    for i in range(2):
+        Image.new("RGB", (200, 150), (40 * i, 90, 200)).save(tmp_path / "photos" / f"{i}.jpg")
+    script = re.sub(r"^python ", f"{sys.executable} ", block, flags=re.M).replace("zd.py", os.path.join(HERE, "zd.py"))
+    script = script.replace("/data/photos", "photos") + " --steps 1 --batch-size 2 --workers 0 --sample-every 0"
+    run = subprocess.run(["bash", "-c", script], cwd=tmp_path, env={**os.environ, "PYTHONPATH": HERE},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and block.count("python ") == 2, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "train: step 1: wrote runs/try/model.safetensors" in run.stdout
+    assert model.load(tmp_path / "runs" / "try" / "model_ema.safetensors").vae.cfg == model.VAEConfig.tiny()
+
+
 def test_readme_snippet_runs_verbatim(tmp_path, monkeypatch):
     """README's snippet for a trainer's own test passes, verbatim, on diffusers' float32 scheduler."""
     monkeypatch.chdir(tmp_path)
@@ -1520,6 +1539,24 @@ def test_captions_in_odd_encodings_and_long_captions(tmp_path):
     assert [it.caption for it in items] == [text] * 3 + [long]
 
 
+def test_binary_captions_are_counted_and_skipped(tmp_path, capsys):
+    """Captions that are not text (random bytes, a JPEG's first 2 kB, NULs) are not trained on as Latin-1 mojibake:
+    `zd.py data` counts and names them; Windows-1252 text still decodes."""
+    captions = {"good": "“quoted” café".encode("cp1252"), "random": np.random.default_rng(0).bytes(200),
+                "jpeg": _data_noise_jpeg((64, 64))[:2048], "nul": b"\x00" * 64}
+    for name, raw in captions.items():
+        (tmp_path / f"{name}.png").write_bytes(_data_png())
+        (tmp_path / f"{name}.txt").write_bytes(raw)
+    zd.main(["data", "--data", str(tmp_path), "--json", "--min-side", "1", "--batch-size", "1", "--sheet", "",
+             *TINY_FLAGS])
+    out = capsys.readouterr()
+    report = json.loads(out.out)
+    assert report["kept"] == 1 and report["dropped"]["binary caption"] == 3, report
+    assert re.search(r"skipped .*random\.png: binary caption: \d+ control characters", out.err)
+    assert "nul.png: binary caption: only NULs" in out.err
+    assert data.decode_caption(captions["good"]) == "“quoted” café"
+
+
 def test_tar_shard_cut_mid_member_keeps_the_good_samples(tmp_path):
     samples = [(f"{k:05d}", {"jpg": _data_noise_jpeg((40, 40), k), "txt": f"sample {k}".encode()}) for k in range(4)]
     path = _data_shard(tmp_path / "00000.tar", samples)
@@ -1693,6 +1730,30 @@ def test_scan_cache_reads_no_header_twice_and_follows_changes(tmp_path, monkeypa
     assert items_again == items and info["cache_error"].startswith("IsADirectoryError")
 
 
+def test_an_unreadable_image_is_named_so_even_after_a_cached_scan(tmp_path, capsys, monkeypatch):
+    """A file the user may not read is "unreadable (PermissionError)", not "not an image"; chmod keeps the mtime, but
+    the cached scan notices it."""
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.png").write_bytes(_data_png())
+    open_image = data.Image.open
+
+    def open_as_a_user(src, *a, **k):                      # root reads any file: refuse as for anyone else
+        if isinstance(src, str) and not os.stat(src).st_mode & 0o444:
+            raise PermissionError(13, "Permission denied", src)
+        return open_image(src, *a, **k)
+    monkeypatch.setattr(data.Image, "open", open_as_a_user)
+    argv = ["data", "--data", str(tmp_path), "--json", "--min-side", "1", "--batch-size", "1", "--sheet", "",
+            *TINY_FLAGS]
+    zd.main(argv)
+    assert json.loads(capsys.readouterr().out)["kept"] == 2
+    os.chmod(tmp_path / "b.png", 0)
+    zd.main(argv)
+    out = capsys.readouterr()
+    report = json.loads(out.out)
+    assert report["kept"] == 1 and report["dropped"]["unreadable"] == 1 and "not an image" not in report["dropped"]
+    assert f"skipped {tmp_path / 'b.png'}: unreadable: PermissionError: Permission denied" in out.err
+
+
 def test_parallel_scan_equals_the_scan_in_one_process(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "SCAN_CHUNK", 3)  # 13 images: 5 tasks for 2 worker processes
     folder = _data_scored_folder(tmp_path / "f")
@@ -1714,6 +1775,15 @@ def test_write_scan_folder_writes_the_readme_example(tmp_path):
     metas = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("000/*.json"))]
     assert {"aesthetic", "AESTHETIC_SCORE"} <= {k for m in metas for k in m}
     assert min(min(m["original_width"], m["original_height"]) for m in metas) >= 1024
+
+
+def test_contact_sheet_captions_draw_accents_not_boxes():
+    """Every character of an accented caption has a glyph in the sheet's font (not the box of a missing one); PIL's
+    built-in font, without accented glyphs, gets the caption without accents."""
+    font = data._sheet_font(20)
+    glyph = lambda c: np.asarray(font.getmask(c)).tobytes()
+    assert all(glyph(c) != glyph("\ue000") for c in data._drawable("crème brûlée, café", font))   # U+E000: none
+    assert data._drawable("crème brûlée, café", ImageFont.load_default(20)) == "creme brulee, cafe"
 
 
 def test_contact_sheets_are_the_training_crops_with_their_captions(tmp_path):
@@ -1784,6 +1854,15 @@ def test_zd_data_user_errors_are_one_line(tmp_path, capsys):
                            (["--data", str(tmp_path / "*.tar")], "data: no shard matches"),
                            (["--data", folder, "--min-aesthetic", "9", "--drop-unscored"], "data: no bucket holds")]:
         assert re.search(message, refused(capsys, "data", *flags, "--sheet", ""))
+    shard = _data_shard(tmp_path / "00000.tar", [("a", {"jpg": _data_noise_jpeg((40, 40)), "txt": b"small"})])
+    assert "data: no sample passes the filters: lower --min-side" in refused(capsys, "data", "--data", shard, "--sheet",
+                                                                             "")
+    with pytest.raises(SystemExit) as e:     # refused with --json: the report still comes, so a script sees why
+        zd.main(["data", "--data", folder, "--min-aesthetic", "9", "--drop-unscored", "--sheet", "", "--json"])
+    out = capsys.readouterr()
+    report = json.loads(out.out)
+    assert e.value.code == 1 and report["kept"] == 0 and report["dropped"]["min-aesthetic"] == 5, report
+    assert out.err.splitlines()[-1].startswith("data: no bucket holds a full global batch")
     assert "--batch-size: 0 is below 1" in refused(capsys, "data", "--data", folder, "--batch-size", "0", status=2)
     with pytest.raises(SystemExit) as e:
         zd.main(["data", "--data", folder, "--max-watermark", "1.5"])
@@ -2544,7 +2623,7 @@ def test_seed_reproducible_and_initial_latent_documented():
     assert torch.equal(x_first, torch.cat([expected, expected]))      # [uncond; cond] halves, t = 999: x_T = noise
 
 
-def test_pixel_space_model(tmp_path):
+def test_pixel_space_model(tmp_path, capsys):
     """zd's demo models have no VAE: x_t is the image (3 channels at H×W, no /8) in [−1, 1]; the initial noise is
     torch.randn((n, 3, H, W), generator=...) and the output is the last x̂0 as uint8. Also through save → `zd.py sample`,
     whose guidance for a pixel-space model is the demo's unless --cfg says otherwise."""
@@ -2559,6 +2638,14 @@ def test_pixel_space_model(tmp_path):
     zd.main(["sample", "--model", str(tmp_path / "px.safetensors"), "--prompt", "a white square", "--steps", "2",
              "--seed", "1", "--width", "32", "--height", "32", "--device", "cpu", "--out", str(tmp_path / "px.png")])
     assert np.abs(np.array(Image.open(tmp_path / "px.png")).astype(int) - images[0].numpy()).max() <= 1
+    err = capsys.readouterr().err                             # not a terminal: whole lines, not a silent wait
+    assert re.search(r"^sampling: step 1/2  t=999 .*\nsampling: step 2/2  t=499 ", err, re.M), err
+
+
+def test_a_long_prompt_is_warned_about_once(capsys):
+    nets = model.SD(None, None, model.CLIPTextModel(model.CLIPConfig.tiny()), model.Tokenizer.default(), {})
+    nets.encode_prompts(["a long prompt " * 30] * 4 + ["short"], "cpu")
+    assert capsys.readouterr().err.count("warning: prompt truncated to 75 CLIP tokens") == 1
 
 
 @pytest.mark.parametrize("steps,strength", [(10, 0.6), (25, 0.8), (13, 0.5)])
@@ -2696,7 +2783,7 @@ def test_training_logs_the_filter_counts_that_zd_data_prints(tmp_path, capsys):
     flags = ["--min-aesthetic", "5", "--max-watermark", "0.5", "--max-unsafe", "0.5"]
     zd.main(["data", "--data", folder, *flags, "--sheet", ""])
     surveyed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("data: kept")]
-    _train(tmp_path / "run", "--steps", "1", "--data", folder, *flags)
+    _train(tmp_path / "run", "--steps", "1", "--data", folder, "--from-scratch", *flags)
     trained = [line for line in capsys.readouterr().out.splitlines() if line.startswith("data: kept")]
     assert surveyed == trained == ["data: kept 6 of 13 images; dropped min-side 1, min-aesthetic 2, max-watermark 2, "
                                    "max-unsafe 1, not an image 1; unscored but kept 5"]
@@ -2790,6 +2877,26 @@ def test_fine_tune_a_checkpoint_starts_from_its_ema_and_writes_v_zt_files(tmp_pa
                 assert torch.equal(v, ema_init[k]), k
 
 
+def test_resume_without_its_base_model_takes_the_run_s_own_file_or_a_new_model(tmp_path, capsys):
+    """--resume after the base model has moved: the run's own model.safetensors holds the frozen CLIP and VAE, so it
+    continues exactly as with the base in place; --model gives the base's new place."""
+    base, moved = tmp_path / "sd.safetensors", tmp_path / "moved.safetensors"
+    _checkpoint(base)
+    _train(tmp_path / "a", "--model", str(base), "--data", "demo", "--steps", "1", "--bucket-area", str(64 * 64),
+           "--bucket-min", "64", "--bucket-max", "64")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    _train(tmp_path / "a", "--resume", "--steps", "2")                            # the base where it was
+    base.rename(moved)
+    capsys.readouterr()
+    zd.main(["train", "--out", str(tmp_path / "b"), *TINY_TRAIN, "--resume", "--steps", "2"])
+    assert f"{base} is gone: frozen CLIP and VAE from the run's own {tmp_path / 'b' / 'model.safetensors'}" in \
+        capsys.readouterr().out
+    a, b = _state(tmp_path / "a"), _state(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    zd.main(["train", "--out", str(tmp_path / "b"), *TINY_TRAIN, "--resume", "--steps", "3", "--model", str(moved)])
+    assert f"frozen CLIP and VAE from {moved}; UNet and EMA from the train state" in capsys.readouterr().out
+
+
 def test_two_ranks_match_one_rank_with_twice_the_batch(tmp_path):
     """torchrun, 2 CPU ranks (gloo) × batch 2 == 1 rank × batch 4 after 3 steps: the same losses and gradient norms at
     every step, and the same weights to float tolerance. (Adam's first steps move a parameter by ≈ lr·sign(g)
@@ -2836,22 +2943,24 @@ def test_sigterm_saves_and_stops_cleanly(tmp_path):
 
 
 # Runs `zd.py ARGV` with a signal sent to itself from inside zd: at the first file write (a save), at the first
-# sampler call (a sample grid), twice at the first step (two Ctrl-C), or while the data loader is set up (start-up).
+# sampler call (a sample grid), twice at the first step (two Ctrl-C, or SIGTERM then Ctrl-C), or while the data loader
+# is set up (start-up).
 SIGNAL_DRIVER = """
 import os, signal, sys, model, zd
 when, argv = sys.argv[1], sys.argv[2:]
-def patch(owner, name, sig, times=1):
+def patch(owner, name, *sigs):
     original = getattr(owner, name)
     def patched(*a, **k):
         if not patched.sent:
             patched.sent = True
-            for _ in range(times):
+            for sig in sigs:
                 os.kill(os.getpid(), sig)
         return original(*a, **k)
     patched.sent = False
     setattr(owner, name, patched)
 {"save": lambda: patch(model, "atomic_write", signal.SIGTERM), "grid": lambda: patch(zd, "generate", signal.SIGTERM),
- "ctrl-c twice": lambda: patch(zd, "sample_noise", signal.SIGINT, 2),
+ "ctrl-c twice": lambda: patch(zd, "sample_noise", signal.SIGINT, signal.SIGINT),
+ "sigterm, ctrl-c": lambda: patch(zd, "sample_noise", signal.SIGTERM, signal.SIGINT),
  "start-up": lambda: patch(zd, "make_loader", signal.SIGTERM)}[when]()
 zd.main(argv)
 """
@@ -2863,17 +2972,18 @@ def _signalled(when, out, *flags):
     return run.returncode, run.stdout + run.stderr
 
 
-@pytest.mark.parametrize("when, flags, step", [
-    ("save", ["--steps", "6", "--save-every", "3"], 3),                        # the first save, at step 3
-    ("grid", ["--steps", "6", "--sample-every", "2"], 2),                      # a grid at a step that is not saved
-    ("grid", ["--steps", "2", "--sample-every", "2"], 2)])                     # the final grid, after the final save
-def test_a_signal_during_a_save_or_a_grid_leaves_the_last_step_saved(tmp_path, when, flags, step):
+@pytest.mark.parametrize("when, flags, step, saying", [
+    ("save", ["--steps", "6", "--save-every", "3"], 3, "after this step, saving it first"),   # the first save
+    ("grid", ["--steps", "6", "--sample-every", "2"], 2, "after this step, saving it first"),  # at an unsaved step
+    ("grid", ["--steps", "2", "--sample-every", "2"], 2, "with every finished step saved")])   # after the final save
+def test_a_signal_during_a_save_or_a_grid_leaves_the_last_step_saved(tmp_path, when, flags, step, saying):
     """SIGTERM while a save is being written lets it finish; during a sample grid it abandons the grid. Either way the
     last completed step is saved whole, the exit status is 0, and --resume continues from it."""
     code, log = _signalled(when, tmp_path, *flags)
     assert code == 0 and f"SIGTERM: stopped at step {step}, saved in" in log and "Traceback" not in log, log
     said = re.search(f"sample grid at step {step}: 4/{4 * len(zd.DEMO_PROMPTS)} images", log)   # how far it got
     assert bool(said) == (when == "grid")
+    assert f"SIGTERM: stopping {saying}" in log                      # the message is true where the signal came
     assert json.loads((tmp_path / "train_state.json").read_text())["step"] == step
     assert model.load(tmp_path / "model.safetensors").meta["prediction"] == "v"
     assert not (tmp_path / "samples" / f"step_{step:06d}" / "grid.png").exists()
@@ -2908,9 +3018,11 @@ def test_a_signal_during_start_up_stops_before_training(tmp_path):
     assert not (tmp_path / "train_state.json").exists()
 
 
-def test_second_ctrl_c_quits_at_once(tmp_path):
-    code, log = _signalled("ctrl-c twice", tmp_path, "--steps", "3")
-    assert code == 130 and "second Ctrl-C: quitting now" in log and "Traceback" not in log, log
+@pytest.mark.parametrize("when, said", [("ctrl-c twice", "second Ctrl-C"), ("sigterm, ctrl-c", "Ctrl-C after SIGTERM")])
+def test_a_ctrl_c_after_a_first_signal_quits_at_once(tmp_path, when, said):
+    code, log = _signalled(when, tmp_path, "--steps", "3")
+    assert code == 130 and f"{said}: quitting now, without saving this step" in log and "Traceback" not in log, log
+    assert "(Ctrl-C quits at once, without saving this step)" in log
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -2930,6 +3042,29 @@ def test_a_signal_to_the_process_group_stops_workers_and_trainer_cleanly(tmp_pat
 
 
 # ---- a user's mistakes: one line on stderr naming the problem and the fix, exit status ≠ 0, no traceback, no loss --
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def test_a_new_run_refuses_to_start_over_an_earlier_one(tmp_path, capsys):
+    """Forgetting --resume must not replace a run: one line naming --resume, --overwrite and a new --out, nothing
+    touched; --overwrite starts over (metrics.jsonl anew)."""
+    out = tmp_path / "run"
+    _train(out, "--steps", "2")
+    before = _files(out)
+    err = refused(capsys, "train", "--out", str(out), *TINY_TRAIN, "--steps", "1")
+    assert "holds an earlier run" in err and "--resume" in err and "--overwrite" in err and "new --out" in err
+    assert _files(out) == before
+    assert "give one of them" in refused(capsys, "train", "--out", str(out), "--resume", "--overwrite")
+    assert "is the demo, trained from scratch: it takes no --model" in refused(capsys, "train", "--out", str(out),
+                                                                              "--resume", "--model", "sd.safetensors")
+    zd.main(["train", "--out", str(out), *TINY_TRAIN, "--steps", "1", "--overwrite"])
+    assert json.loads((out / "train_state.json").read_text())["step"] == 1
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1]
+    _train(out, "--resume", "--steps", "2")                  # the saved --overwrite is not a setting of the run
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2]
+
 
 def _bad_files(folder):
     """Files a user mistakes for checkpoints: name → path."""
@@ -2995,8 +3130,10 @@ def test_every_image_under_min_side_says_which_setting_to_change(tmp_path, capsy
     err = refused(capsys, "train", "--model", "x.safetensors", "--data", str(tmp_path / "small"), "--out",
                   str(tmp_path / "run"))
     assert "no such file or folder: x.safetensors" in err           # the model is checked before the data is scanned
+    err = refused(capsys, "train", "--data", str(tmp_path / "small"), "--out", str(tmp_path / "run"))
+    assert "--data without --model would train the demo's small pixel-space model" in err and "--model SD1.5" in err
     err = refused(capsys, "train", "--data", str(tmp_path / "small"), "--out", str(tmp_path / "run"), "--min-side",
-                  "1024", "--batch-size", "2")
+                  "1024", "--batch-size", "2", "--from-scratch")
     assert "no bucket holds a full global batch" in err and "min-side" in err and "batch size" in err
 
 
@@ -3014,6 +3151,33 @@ def test_flag_values_are_checked_where_they_are_parsed(capsys, argv, message):
     assert message in refused(capsys, *argv, status=2)
 
 
+def test_help_shows_each_setting_s_default_and_meaning(capsys, monkeypatch):
+    """train --help: --data's default without --model, not "(default ; demo demo)"; data --help: each flag's meaning,
+    not "as train's"."""
+    monkeypatch.setenv("COLUMNS", "250")                     # one line per flag
+    helps = {}
+    for command in ("train", "data"):
+        with pytest.raises(SystemExit):
+            zd.main([command, "--help"])
+        helps[command] = capsys.readouterr().out
+    assert "repeatable (without --model: demo)" in helps["train"] and "(default ;" not in helps["train"]
+    assert re.search(r"--steps STEPS +optimiser steps \(default 10000; demo 1500\)", helps["train"])
+    assert "as train's" not in helps["data"] and "(default None)" not in helps["data"]
+    assert re.search(r"--min-side MIN_SIDE +keep images whose original shortest side is ≥ this \(the recipe's data\) "
+                     r"\(default 1024\)", helps["data"])
+    assert re.search(r"--flip +random horizontal flips \(default off\)", helps["data"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--stpes", "60"], "zd.py train: unrecognized arguments: --stpes 60; did you mean --steps? (see zd.py "
+                                 "train --help)"),
+    (["train", "--sample_every=5", "--lrr", "1"], "did you mean --sample-every, --lr? (see zd.py train --help)"),
+    (["schedule", "--stpes", "3"], "did you mean --steps? (see zd.py schedule --help)"),
+    (["schedule", "--xyzzy"], "zd.py schedule: unrecognized arguments: --xyzzy (see zd.py schedule --help)")])
+def test_a_mistyped_flag_gets_the_nearest_of_its_subcommand(capsys, argv, message):
+    assert message in refused(capsys, *argv, status=2)
+
+
 def test_a_full_disk_during_a_save_leaves_the_previous_files_whole(tmp_path, capsys, monkeypatch):
     """The second save fails half-way (no space left): the files of the first are unchanged, and the run says so."""
     out = tmp_path / "run"
@@ -3024,11 +3188,83 @@ def test_a_full_disk_during_a_save_leaves_the_previous_files_whole(tmp_path, cap
     def full(tensors, path, metadata=None):
         open(path, "wb").write(b"partial")
         raise OSError(28, "No space left on device")
-    for module in (model, zd):
-        monkeypatch.setattr(module, "save_file", full)
+    monkeypatch.setattr(model, "save_file", full)
     with pytest.raises(zd.UserError, match="No space left on device.*the previous file is intact"):
         _train(out, "--resume", "--steps", "3", "--save-every", "1")
     assert files() == before                                  # the checkpoints and state, and no .tmp left
+
+
+FULL_DISK_DRIVER = """
+import sys, model, zd
+from safetensors import SafetensorError
+def full(tensors, path, metadata=None):   # what safetensors raises on a full disk: not an OSError
+    raise {error}
+model.save_file = full
+zd.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("error", ['SafetensorError("Error while serializing: I/O error: No space left on device '
+                                   '(os error 28) at path \\"x\\"")', 'RuntimeError("a bug")'])
+def test_a_failed_save_with_loader_workers_exits_at_once(tmp_path, error):
+    """safetensors' full-disk error is one line, exit 1; and whatever ends the run, the loader's worker processes end
+    with it (left to the interpreter's exit, their join hung for good). A hang fails here by the timeout."""
+    run = subprocess.run([sys.executable, "-c", FULL_DISK_DRIVER.format(error=error), "train", "--out",
+                          str(tmp_path), *TINY_TRAIN, "--workers", "2", "--steps", "2", "--save-every", "1"],
+                         cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1, run.stdout + run.stderr
+    if "No space" in error:
+        assert run.stderr.strip() == f"cannot write {tmp_path / 'model.safetensors'} (No space left on device); the " \
+                                     "previous file is intact: free space or choose another folder, then --resume"
+    else:
+        assert "RuntimeError: a bug" in run.stderr                # a bug keeps its traceback
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_resume_says_what_it_keeps_and_when_there_is_nothing_to_do(tmp_path, capsys):
+    """--resume with settings it cannot change: one line saying what is kept and how to change it; --resume of a
+    finished run: nothing to do, no file rewritten."""
+    _train(tmp_path, "--steps", "1")
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.iterdir() if p.is_file()}
+    capsys.readouterr()
+    zd.main(["train", "--out", str(tmp_path), "--resume"])
+    assert capsys.readouterr().out == f"train: the run in {tmp_path} is at step 1 of --steps 1: nothing to do (a " \
+                                      "larger --steps continues it)\n"
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.iterdir() if p.is_file()} == before
+    zd.main(["train", "--out", str(tmp_path), *TINY_TRAIN, "--resume", "--steps", "2", "--lr", "0.5", "--batch-size",
+             "8"])
+    said = [line for line in capsys.readouterr().out.splitlines() if "--resume keeps" in line]
+    assert said == ["train: --resume keeps the run's --batch-size 4 (not 8), --lr 0.001 (not 0.5); to change them, "
+                    "start a new run: --overwrite, or a new --out"]
+
+
+def test_a_warm_up_longer_than_the_run_is_said(tmp_path, capsys):
+    zd.main(["train", "--out", str(tmp_path), *TINY_TRAIN, "--steps", "2", "--warmup", "500", "--lr", "1e-5"])
+    assert "train: warning: --warmup 500 is longer than --steps 2: the lr ends at 4e-08, never reaching --lr 1e-05; " \
+           "lower --warmup" in capsys.readouterr().out
+
+
+def test_zd_s_own_outputs_given_as_a_model_say_what_to_give(tmp_path, capsys):
+    """A run folder or its train state where a model belongs: one line naming the run's model_ema.safetensors."""
+    _train(tmp_path, "--steps", "1")
+    ema = tmp_path / "model_ema.safetensors"
+    for command in (["sample", "--prompt", "x", "--model"], ["inspect"]):
+        err = refused(capsys, *command, str(tmp_path))
+        assert f"{tmp_path} is a zd run folder, not a model: give {ema} (the EMA weights" in err
+        err = refused(capsys, *command, str(tmp_path / "train_state.safetensors"))
+        assert "is zd's train state (UNet, EMA and optimiser moments, for --resume), not a model: give " \
+            + str(ema) in err
+
+
+def test_checkpoints_are_written_with_the_umask_s_mode(tmp_path):
+    """Not the 0600 of safetensors' temporary file: teammates on a shared machine read the checkpoints."""
+    umask = os.umask(0o002)
+    try:
+        zd.main(["train", "--out", str(tmp_path), *TINY_TRAIN, "--steps", "1"])
+        modes = {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir() if p.is_file()}
+    finally:
+        os.umask(umask)
+    assert len(modes) == 5 and set(modes.values()) == {"0o664"}, modes
 
 
 def test_a_refusal_shows_its_traceback_with_debug(capsys):

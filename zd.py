@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import difflib
 import functools
 import importlib.util
 import json
@@ -33,7 +34,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from PIL import Image  # noqa: E402
 
 import check  # noqa: E402
 import data  # noqa: E402
@@ -84,6 +84,8 @@ class Settings:
     # -- model and data
     model: str = setting(None, "SD1.5 checkpoint to fine-tune: single file (full or EMA-only) or diffusers folder; "
                          "the UNet and the EMA start from its EMA weights. Without it: the demo")
+    from_scratch: bool = setting(False, "without --model, train the demo's small pixel-space model from scratch on "
+                                 "--data other than 'demo' (else refused: it would see your images at 16×16 px)")
     vae: str = setting(None, "a separate VAE file for the checkpoint")
     ema_init: str = setting(None, "take the initial UNet/EMA weights from this file instead", metavar="PATH")
     data: tuple = setting((), "image folder, tar shard path or glob, or 'demo'; repeatable", action="append",
@@ -132,6 +134,8 @@ class Settings:
     # -- run
     resume: bool = setting(False, "continue the run in --out: weights, EMA, optimiser, step, data position; its "
                            "settings are kept, except --steps, the intervals, sample prompts and hardware")
+    overwrite: bool = setting(False, "start a new run in an --out that holds an earlier one, replacing its "
+                              "checkpoints, train state and metrics (without it zd refuses)")
     save_every: int = setting(1000, "write the checkpoints and the train state every N steps", type=at_least(1))
     sample_every: int = setting(500, "write a grid of EMA samples every N steps, after saving; 0: never",
                                 type=at_least(0))
@@ -159,34 +163,42 @@ class Settings:
 # t > 900): the demo's images are 16×16 px, whose colours stay hidden in the noise down to lower t than at 24×24, and
 # whose steps cost less than half as much; in equal time, 2000 steps at 16² left about half the colour error of 1000
 # steps at 24² (16×32, 24×24, 32×16). The demo's images (aspects 2:3 to 3:2) all go to the one bucket, resized to cover
-# it and centre-cropped. 1500 steps of batch 32 take 4½ minutes on two idle CPU cores and draw every prompt below right
-# (README, The demo). The vocabulary, as its sample grid shows it and demo_score measures it: the six plain colours,
-# and six shapes on backgrounds in which every colour is once the shape's and once the background's.
+# it and centre-cropped. 1500 steps of batch 32 draw every prompt below right (README, The demo). The vocabulary, as its
+# sample grid shows it and demo_score measures it: the six plain colours, and six shapes on backgrounds in which every
+# colour is once the shape's and once the background's. One grid, at the end: each costs ≈ 4.5% of the 1500 steps'
+# time on a CPU (demo_score ≈ 6%), and the intermediate two took the run past the README's time.
 DEMO_PROMPTS = ("a plain black image", "a plain white image", "a plain red image", "a plain green image",
                 "a plain blue image", "a plain yellow image", "a red circle on a black background",
                 "a blue square on a white background", "a yellow circle on a blue background",
                 "a white square on a green background", "a green circle on a red background",
                 "a black square on a yellow background")
 DEMO = dict(data=("demo",), out="runs/demo", steps=1500, batch_size=32, lr=1e-3, warmup=20, ema_decay=0.98,
-            log_every=10, save_every=500, sample_every=500, text_cache=1024, sample_size=(16, 16),
+            log_every=10, save_every=500, sample_every=1500, text_cache=1024, sample_size=(16, 16),
             bucket_area=16 * 16, bucket_min=16, bucket_max=16, bucket_step=8, sample_prompts=DEMO_PROMPTS)
 DEMO_CFG = 3.0  # the demo's guidance: at 7.5 the small model's colours overshoot (green at 200 where the data has 160)
 DEMO_UNET = dict(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(2,), context_dim=64)
 SETTINGS = {f.name for f in dataclasses.fields(Settings)}
-# What a resumed run may change; everything else comes from its train_state.json.
-RESUME_MAY_CHANGE = ("steps", "save_every", "sample_every", "sample_prompts", "sample_size", "log_every", "workers",
-                     "device", "max_bad_steps", "resume", "compile")
+# What a resumed run may change (out, model, vae: the run and its base at a new place); the rest comes from its
+# train_state.json.
+RESUME_MAY_CHANGE = ("out", "model", "vae", "steps", "save_every", "sample_every", "sample_prompts", "sample_size",
+                     "log_every", "workers", "device", "max_bad_steps", "resume", "overwrite", "compile")
 T_BINS = 10  # the loss is also logged per timestep bin of 100 (as minRF does), to see where the model is still wrong
 
 
 def train(args):
     """Fine-tune SD1.5's UNet with the ZeroDiffusion recipe: v-prediction on the zero-terminal-SNR schedule, min-SNR-γ
     weights, IP noise, caption dropout, AdamW, EMA, with CLIP and the VAE frozen. Without --model: the demo, a small
-    pixel-space model from scratch on procedural images. `args`: parsed flags or Settings. Returns (UNet, EMA)."""
+    pixel-space model from scratch on procedural images. `args`: parsed flags or Settings. Returns (UNet, EMA), or
+    (None, None) when a resumed run has no step left to do."""
     s = args if isinstance(args, Settings) else settings(args)
     rank, world, device = init_distributed(s.device)
     ddp, cuda = torch.distributed.is_initialized(), device.type == "cuda"
     log = print if rank == 0 else (lambda *a, **k: None)
+    check_fresh(s)
+    if s.resume and (done := json.loads(Path(s.out, "train_state.json").read_text())["step"]) >= s.steps:
+        log(f"train: the run in {s.out} is at step {done} of --steps {s.steps}: nothing to do (a larger --steps "
+            "continues it)")
+        return None, None
     check_writable(s.out)
     interrupts = Interrupts(log)
 
@@ -214,7 +226,7 @@ def train(args):
         step, position, skipped = load_state(s.out, unet, ema, opt)
         log(f"train: resumed {s.out} at step {step}, data position {position + 1}")
     elif rank == 0 and os.path.exists(os.path.join(s.out, "train_state.json")):
-        log(f"train: {s.out} holds an earlier run: starting over (--resume continues it)")
+        log(f"train: --overwrite: starting over in {s.out}, replacing its earlier run")
         Path(s.out, "metrics.jsonl").unlink(missing_ok=True)
 
     abar = S.alphas_cumprod(S.betas(s.schedule == "zt")).to(device)   # float64, never fp16 (pitfall 8)
@@ -229,6 +241,9 @@ def train(args):
     log(f"train: {s.prediction}-prediction, {s.schedule} schedule, min-SNR γ {s.min_snr_gamma:g}, IP noise γ "
         f"{s.ip_noise_gamma:g}, caption dropout {s.caption_dropout:g}, EMA {s.ema_decay:g}, lr {s.lr:g} ({s.warmup} "
         f"warm-up steps, then {s.lr_schedule}), {s.steps} steps → {s.out}")
+    if s.warmup > s.steps:
+        log(f"train: warning: --warmup {s.warmup} is longer than --steps {s.steps}: the lr ends at "
+            f"{get_lr(s.steps - 1, s.lr, s.warmup, s.steps):.3g}, never reaching --lr {s.lr:g}; lower --warmup")
     if rank == 0 and s.sample_every and not cuda and nets.vae is not None:
         log(f"train: each sample grid takes ≈ {grid_seconds(unet, s) / 60:.0f} min on this CPU "
             f"({4 * len(s.sample_prompts)} images, 25 steps, {s.sample_size[0]}×{s.sample_size[1]}); "
@@ -237,6 +252,7 @@ def train(args):
     window, progress, saved, started, bad_run = Window(), Progress(s, step, log), step, step, 0
     try:
         while step < s.steps and not interrupts.agreed(ddp, device):
+            interrupts.unsaved = True
             lr = get_lr(step, s.lr, s.warmup, s.steps, s.lr_schedule)
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -295,6 +311,7 @@ def train(args):
                                 f"in {s.out}; lower --lr or check the data, then --resume.")
             if rank == 0 and (step % s.save_every == 0 or step == s.steps):   # saved before any sampling
                 saved = save(s, step, position, skipped, unet, ema, opt, nets)
+                interrupts.unsaved = False
             if rank == 0 and s.sample_every and not s.inpaint and (step % s.sample_every == 0 or step == s.steps):
                 sample_grid(s, step, ema, nets, log, stop=lambda: interrupts.signal)
         if rank == 0 and saved != step:
@@ -307,6 +324,7 @@ def train(args):
             if rank == 0 and not s.model and not s.inpaint and s.sample_every:   # the demo: which captions it draws
                 print_demo_score(demo_score(model.SD(ema, None, nets.text_encoder, nets.tokenizer, nets.meta)))
     finally:
+        batches.close()    # ends the loader's worker processes now: left to the exit, their join can hang for ever
         interrupts.restore()
         if ddp:
             torch.distributed.destroy_process_group()
@@ -326,10 +344,16 @@ def settings(args):
         except FileNotFoundError:
             raise UserError(f"train: --resume: no run in {out} (no train_state.json); point --out at the run's folder, "
                             "or start a new run without --resume") from None
-        saved = {k: v for k, v in (state.get("settings") or state["args"]).items() if k in SETTINGS}  # "args": older
+        saved = {k: v for k, v in (state.get("settings") or state["args"]).items()   # "args": older runs
+                 if k in SETTINGS and k != "overwrite"}   # how the run was started, not one of its settings
+        if given.get("model") and not saved.get("model"):
+            raise UserError(f"train: --resume: the run in {out} is the demo, trained from scratch: it takes no --model")
         ignored = {k: v for k, v in given.items() if k not in RESUME_MAY_CHANGE and k in saved and v != saved[k]}
         if ignored:
-            print(f"train: --resume continues the run's own settings; ignoring {ignored}")
+            kept = ", ".join(f"--{k.replace('_', '-')} {show(saved[k])} (not {show(v)})" for k, v in ignored.items())
+            new = (f"--model {out}/model_ema.safetensors and a new --out" if saved.get("model") else
+                   "--overwrite, or a new --out")
+            print(f"train: --resume keeps the run's {kept}; to change them, start a new run: {new}")
         values |= saved
         given = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}
     values |= given
@@ -337,7 +361,23 @@ def settings(args):
     values["sample_size"] = tuple(values["sample_size"])
     if not values["data"]:
         raise UserError("train: --model needs --data (an image folder or tar shards; repeatable)")
+    if not values["model"] and not values["from_scratch"] and set(values["data"]) != {"demo"} and not given.get(
+            "resume"):
+        raise UserError("train: --data without --model would train the demo's small pixel-space model from scratch on "
+                        "your images at 16×16 px: give --model SD1.5_CHECKPOINT to fine-tune SD1.5 (--from-scratch if "
+                        "the demo's model is what you want)")
     return Settings(**values)
+
+
+def check_fresh(s):
+    """A new run must not start over an earlier one by accident: forgetting --resume would replace its checkpoints and
+    truncate its metrics. Refuse before anything is touched, unless --overwrite."""
+    if s.resume and s.overwrite:
+        raise UserError("train: --resume continues the run in --out and --overwrite replaces it: give one of them")
+    state = os.path.join(s.out, "train_state.json")
+    if not s.resume and not s.overwrite and os.path.exists(state):
+        raise UserError(f"train: {s.out} holds an earlier run: --resume continues it, --overwrite starts over in it "
+                        "(replacing it), or give a new --out")
 
 
 def check_writable(out):
@@ -351,20 +391,25 @@ def check_writable(out):
 
 
 class Interrupts:
-    """SIGINT (Ctrl-C) and SIGTERM (what a scheduler sends) ask the run to stop after the current step, saved. A second
-    Ctrl-C exits at once; the files on disk are whole either way, as every save is atomic."""
+    """SIGINT (Ctrl-C) and SIGTERM (what a scheduler sends) ask the run to stop after the current step, saved. A Ctrl-C
+    after either exits at once; the files on disk are whole either way, as every save is atomic. `unsaved`, kept by
+    the training loop, says whether the current step still has to be saved."""
 
     def __init__(self, log):
-        self.signal, self.log = None, log
+        self.signal, self.log, self.unsaved = None, log, False
         self.saved = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def handle(self, signum, frame):
-        if self.signal == signal.SIGINT and signum == signal.SIGINT:
-            print("train: second Ctrl-C: quitting now, without saving this step", file=sys.stderr, flush=True)
+        lost = ", without saving this step" if self.unsaved else ""
+        if self.signal is not None and signum == signal.SIGINT:
+            again = "second Ctrl-C" if self.signal == signal.SIGINT else f"Ctrl-C after {self.signal.name}"
+            print(f"train: {again}: quitting now{lost}", file=sys.stderr, flush=True)
             os._exit(130)
-        self.signal = signum
-        print(f"train: {signal.Signals(signum).name}: stopping after this step, saving it first (Ctrl-C again quits "
-              "at once)", file=sys.stderr, flush=True)
+        if self.signal is not None:            # a repeated SIGTERM: already stopping
+            return
+        self.signal = signal.Signals(signum)
+        doing = "after this step, saving it first" if self.unsaved else "with every finished step saved"
+        print(f"train: {self.signal.name}: stopping {doing} (Ctrl-C quits at once{lost})", file=sys.stderr, flush=True)
 
     def agreed(self, ddp, device):
         """Whether to stop: every rank stops at the same step when any one of them was signalled."""
@@ -386,19 +431,41 @@ def starting_model(s, log):
         log("train: demo — a small pixel-space UNet (no VAE) trained from scratch on procedural images; a tiny frozen "
             "CLIP with random weights encodes the captions")
         return demo_model(s.seed, s.prediction, s.schedule == "zt", s.inpaint)
-    nets = load_model(s.model, "train", vae_path=s.vae)
-    if s.ema_init:
-        init = load_model(s.ema_init, "train")
-        nets.unet.load_state_dict(init.unet.state_dict())
-        nets.meta["ema"] = init.meta["ema"]
-    source = {"ema": "model_ema.* weights", None: "weights (an EMA-only file holds the EMA)"}[nets.meta.get("ema")]
-    log(f"train: UNet and EMA start from {s.ema_init or s.model}'s {source}")
+    if s.resume:
+        nets = resumed_model(s, log)
+    else:
+        nets = load_model(s.model, "train", vae_path=s.vae)
+        if s.ema_init:
+            init = load_model(s.ema_init, "train")
+            nets.unet.load_state_dict(init.unet.state_dict())
+            nets.meta["ema"] = init.meta["ema"]
+        source = {"ema": "model_ema.* weights", None: "weights (an EMA-only file holds the EMA)"}[nets.meta.get("ema")]
+        log(f"train: UNet and EMA start from {s.ema_init or s.model}'s {source}")
     if nets.meta.get("inpaint") and not s.inpaint:
         log("train: the checkpoint is a 9-channel inpainting UNet: training it as one (--inpaint)")
         s.inpaint = True
     if s.inpaint and nets.unet.cfg.in_channels == 4:
         nets.unet = model.expand_to_inpaint(nets.unet)
     return nets
+
+
+def resumed_model(s, log):
+    """The networks of a resumed run, whose UNet and EMA then come from its train state: the base model (--model, the
+    run's or a new path), or, when that is gone, the run's own model.safetensors, which holds the frozen CLIP and VAE
+    as they were (unless written fp16)."""
+    if all(path is None or os.path.exists(path) for path in (s.model, s.vae)):
+        nets = load_model(s.model, "train", vae_path=s.vae)
+        log(f"train: frozen CLIP and VAE from {s.model}{f' and {s.vae}' if s.vae else ''}; UNet and EMA from the "
+            "train state")
+        return nets
+    gone = s.model if not os.path.exists(s.model) else s.vae
+    if s.half:
+        raise UserError(f"train: --resume: {gone} is gone and {s.out}/model.safetensors holds its CLIP and VAE in fp16 "
+                        "(--half): give the base model's new place with --model PATH (and --vae PATH)")
+    own = os.path.join(s.out, "model.safetensors")
+    log(f"train: --resume: {gone} is gone: frozen CLIP and VAE from the run's own {own} (--model PATH takes the base "
+        "from its new place); UNet and EMA from the train state")
+    return load_model(own, "train")
 
 
 def demo_model(seed=0, prediction="v", ztsnr=True, inpaint=False):
@@ -681,7 +748,8 @@ def demo(args):
         out = os.path.join(args.out, name)
         if not args.no_train:   # no sample grids: the score of each model is printed below
             train(parser().parse_args(["train", "--out", out, "--schedule", schedule, "--prediction", prediction,
-                                       "--steps", str(args.steps), "--seed", str(args.seed), "--sample-every", "0"]))
+                                       "--steps", str(args.steps), "--seed", str(args.seed), "--sample-every", "0"]
+                                      + ["--overwrite"] * args.overwrite))
         nets = load_model(os.path.join(out, "model_ema.safetensors"), "demo")
         means = [generate(nets, [p] * args.n, steps=25, guidance=DEMO_CFG, seed=args.seed, width=16, height=16,
                           prediction=prediction, zero_terminal_snr=schedule == "zt", progress=False).float().mean().item()
@@ -779,21 +847,25 @@ def generate(nets, prompts, *, negative="", steps=25, guidance=7.5, rescale=0.7,
             # the image noised to the first step's ᾱ, x_t = √ᾱ·x0 + √(1−ᾱ)·ε (Ho et al. 2020, eq. 4); an inpainting
             # model at strength 1 starts from pure noise, as diffusers' inpainting pipeline does
             x = S.add_noise(latent(image).expand_as(noise), noise, abar[ts[0]])
-    progress = progress and sys.stderr.isatty()
-    start, listed = time.time(), ts.tolist()
+    tty = sys.stderr.isatty()
+    start = last = time.time()
+    listed = ts.tolist()
 
     def denoise(x, t):   # the UNet's output at t: on [uncond; cond], guided and rescaled (Lin et al. 2023, Alg. 2)
+        nonlocal last
         x_in = x if known is None else inpaint_input(x, *known)
         x_in = torch.cat([x_in, x_in]) if guided else x_in
         out = nets.unet(model.to_net(nets.unet, x_in), torch.full((len(x_in),), t, device=x.device),
                         model.to_net(nets.unet, context)).float()
-        if progress:
-            print(f"\rsampling: step {listed.index(t) + 1}/{len(ts)}  t={t:3d}  {time.time() - start:5.1f}s", end="",
-                  file=sys.stderr, flush=True)
+        i = listed.index(t)   # progress: a line rewritten at each step on a terminal; in a log, a line after the
+        if progress and (tty or time.time() - last >= 10 or i in (0, len(listed) - 1)):   # first step, every 10 s, last
+            print("\r" * tty + f"sampling: step {i + 1}/{len(listed)}  t={t:3d}  {time.time() - start:5.1f}s",
+                  end="" if tty else "\n", file=sys.stderr, flush=True)
+            last = time.time()
         return S.guidance(*out.chunk(2), guidance, rescale) if guided else out    # on the raw model output (v or ε)
 
     x = ddim(denoise, x, ts, abar, pred)
-    if progress:
+    if progress and tty:
         print(file=sys.stderr)
     return nets.decode(x)
 
@@ -1110,16 +1182,24 @@ def survey(args):
     dropped by reason, images per bucket, batches per epoch, caption statistics, scan speed; a contact sheet per
     bucket in --sheet, of training crops with their captions."""
     tokenizer = model.Tokenizer.default()
+    refusal = None
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():  # keep stdout JSON
         try:
-            loader = data.Loader(args.data, args.batch_size, world_size=args.world_size,
-                                 **{k: getattr(args, k) for k in LOADER_SETTINGS})
+            try:
+                loader = data.Loader(args.data, args.batch_size, world_size=args.world_size,
+                                     **{k: getattr(args, k) for k in LOADER_SETTINGS})
+            except data.NoFullBatch as e:       # refused, after the report: what was found, dropped and why
+                loader, refusal = e.loader, str(e)
             report = data.survey(loader, args.sheet, args.per_bucket,
                                  lambda texts: map(len, tokenizer.tokens(texts)))
         except (FileNotFoundError, ValueError) as e:  # the Loader's errors name the setting to change
             raise UserError(f"data: {e}") from None
+    if not report["kept"]:
+        refusal = refusal or "no sample passes the filters: lower --min-side or the score filters"
     if args.json:
         print(json.dumps(report, indent=1))
+    if refusal:
+        raise UserError(f"data: {refusal}")
     return report
 
 
@@ -1127,10 +1207,32 @@ def survey(args):
 # The command line
 
 class Parser(argparse.ArgumentParser):
-    """argparse, with a mistake in the flags said on one line (the usage is one --help away)."""
+    """argparse, with a mistake in the flags said on one line (the usage is one --help away), and a flag that is not
+    one answered by its subcommand with the nearest it has (difflib)."""
 
     def error(self, message):
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+    def add_subparsers(self, **kw):
+        action = super().add_subparsers(**kw)
+        self.commands = action.choices                     # name → its parser, whose flags a typo is matched against
+        return action
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:      # said by the subcommand's parser, which knows the flags a typo was meant to be
+            command = getattr(self, "commands", {}).get(getattr(parsed, "command", None), self)
+            flags = [flag for action in command._actions for flag in action.option_strings]
+            typed = [arg.split("=")[0] for arg in unknown if arg.startswith("--")]
+            near = [m for arg in typed for m in difflib.get_close_matches(arg.replace("_", "-"), flags, 1, 0.6)]
+            command.error(f"unrecognized arguments: {' '.join(unknown)}"
+                          + (f"; did you mean {', '.join(dict.fromkeys(near))}?" if near else ""))
+        return parsed
+
+
+def show(value):
+    """A setting's value as --help and messages show it."""
+    return " | ".join(map(str, value)) if isinstance(value, (tuple, list)) else "off" if value is False else value
 
 
 def add_settings(p):
@@ -1138,13 +1240,14 @@ def add_settings(p):
     default and the demo's."""
     groups = {"model": "model and data", "prediction": "the recipe (ZeroDiffusion model card)",
               "steps": "optimisation", "resume": "run", "device": "hardware"}
-    show = lambda v: " | ".join(map(str, v)) if isinstance(v, tuple) else "off" if v is False else v
     group = p
     for f in dataclasses.fields(Settings):
         group = p.add_argument_group(groups[f.name]) if f.name in groups else group
         flag, help, kw = setting_flag(f)
-        default = f" (default {show(f.default)}{f'; demo {show(DEMO[f.name])}' if f.name in DEMO else ''})"
-        shown = default if f.default not in (None, ()) or f.name in DEMO else ""
+        shown = ([f"default {show(f.default)}"] if f.default not in (None, ()) else []) + (
+            [f"demo {show(DEMO[f.name])}" if f.default not in (None, ()) else f"without --model: {show(DEMO[f.name])}"]
+            if f.name in DEMO else [])
+        shown = f" ({'; '.join(shown)})" if shown else ""
         group.add_argument(flag, dest=f.name, default=None, help=(help + shown).replace("%", "%%"), **kw)
 
 
@@ -1170,16 +1273,19 @@ def add_data_command(sub):
     """The `data` subcommand: train's data settings, and what to print and draw."""
     s = sub.add_parser("data", help="see and filter the training data before training: counts, buckets, captions, "
                        "contact sheets of the crops", description=survey.__doc__)
-    s.add_argument("--data", action="append", required=True, metavar="SRC", help="as train's; repeatable")
     for f in dataclasses.fields(Settings):
         if f.name in LOADER_SETTINGS + ("batch_size",):
-            flag, _, kw = setting_flag(f)
-            s.add_argument(flag, default=f.default, help=f"as train's (default {f.default})", **kw)
+            flag, help, kw = setting_flag(f)
+            shown = "" if f.default is None else f" (default {show(f.default)})"
+            s.add_argument(flag, default=f.default, help=(help + shown).replace("%", "%%"), **kw)
+        elif f.name == "data":
+            s.add_argument("--data", action="append", required=True, metavar="SRC", help=f.metadata["help"])
     s.add_argument("--world-size", type=at_least(1), default=1, help="GPUs of the run, for its global batch "
                    "(default 1)")
     s.add_argument("--sheet", default="data_preview", metavar="DIR", help="contact sheets' folder ('' for none)")
     s.add_argument("--per-bucket", type=at_least(1), default=16, help="images per contact sheet (default 16)")
-    s.add_argument("--json", action="store_true", help="print the report as JSON (the log goes to stderr)")
+    s.add_argument("--json", action="store_true", help="print the report as JSON, also when refused (the log goes to "
+                   "stderr)")
     s.set_defaults(func=survey)
 
 
@@ -1214,6 +1320,7 @@ def parser():
     s.add_argument("--seed", type=at_least(0), default=0, help="training and sampling seed (default 0)")
     s.add_argument("--n", type=at_least(1), default=8, help="samples per prompt (default 8)")
     s.add_argument("--no-train", action="store_true", help="only sample the two models already in OUT")
+    s.add_argument("--overwrite", action="store_true", help="train again over earlier runs in OUT")
     s.set_defaults(func=demo)
 
     s = sub.add_parser("sample",
