@@ -5,6 +5,7 @@ transformers as oracles), and a test for each of the README's numbered pitfalls.
     ZD_FULL=1 python -m pytest -q test_zd.py     also the slow checks: full-size SD1.5 parity (≈ 10 GB RAM) and the
                                                  1500-step demo drawing its vocabulary (≈ 6 minutes in all)
 """
+import contextlib
 import functools
 import io
 import json
@@ -2373,6 +2374,94 @@ def test_a_signal_during_a_save_or_a_grid_leaves_the_last_step_saved(tmp_path, w
     assert not (tmp_path / "samples" / f"step_{step:06d}" / "grid.png").exists()
     _train(tmp_path, "--resume", "--steps", str(step + 1))
     assert json.loads((tmp_path / "train_state.json").read_text())["step"] == step + 1
+
+
+# ---- watching a run: validation loss per timestep, TensorBoard ------------------------------------------------------
+
+VAL = ["--val-fraction", "0.005", "--val-every", "1"]   # ≈ 10 of the demo's 2048 images
+
+
+def _val_lines(out):
+    return {m["step"]: m for m in map(json.loads, open(out / "metrics.jsonl")) if "val_loss" in m}
+
+
+def test_validation_holds_out_a_fixed_share_never_trained_on(tmp_path):
+    """--val-fraction: a seeded share of the images by name, the same every time, in no training batch; the rest train.
+    Refused for shards (it would need a pass over all of them)."""
+    kw = dict(workers=0, val_fraction=0.1, **TINY)
+    train, val = data.Loader([data.DemoSource(n=300)], 8, **kw), data.Loader([data.DemoSource(n=300)], 8, validation=True,
+                                                                           **kw)
+    names = lambda loader: {it.name for it in loader.dataset.items}
+    assert not names(train) & names(val) and len(names(train) | names(val)) == 300 and 15 <= len(names(val)) <= 45
+    assert names(val) == {it.name for it in data.DemoSource(n=300).items() if data.held_out(0, it.name, 0.1)}
+    assert names(val) == names(data.Loader([data.DemoSource(n=300)], 8, validation=True, **kw))     # fixed
+    assert names(val) != names(data.Loader([data.DemoSource(n=300)], 8, validation=True, **kw | dict(seed=1)))
+    trained = {train.dataset.items[i].name for b in _data_take(train.batches(), 40) for i in b["index"].tolist()}
+    assert len(trained) > 200 and not trained & names(val)
+    batches = list(val.fixed_batches())                       # every image once, as it is: no dropout, flip or crop
+    assert sorted(i for b in batches for i in b["index"].tolist()) == list(range(len(names(val))))
+    assert all(c for b in batches for c in b["captions"]) and all(len(b["index"]) <= 8 for b in batches)
+    assert all(torch.equal(a["pixels"], b["pixels"]) for a, b in zip(batches, val.fixed_batches()))
+    with pytest.raises(ValueError, match="--val-data"):
+        data.Loader([_data_scored_shard(tmp_path / "s.tar")], 1, workers=0, val_fraction=0.1)
+
+
+def test_validation_loss_is_the_same_for_the_same_weights_and_across_resume(tmp_path):
+    """The validation pass is deterministic: the same checkpoint gives the same numbers twice, and a run stopped and
+    resumed logs at step 2 what the run that went straight through logs there. Each t of VAL_T has its plain MSE, and
+    the total is the min-SNR-weighted mean: at t = 999 the v weight is 0 (SNR = 0)."""
+    _train(tmp_path / "a", "--steps", "2", *VAL)
+    _train(tmp_path / "b", "--steps", "1", *VAL)
+    _train(tmp_path / "b", "--resume", "--steps", "2")
+    a, b = _val_lines(tmp_path / "a"), _val_lines(tmp_path / "b")
+    assert sorted(a) == sorted(b) == [1, 2]
+    for key in ("val_loss", "val_loss_by_t", "val_ema_loss", "val_ema_loss_by_t"):
+        assert a[2][key] == b[2][key], key
+    assert list(a[2]["val_loss_by_t"]) == [str(t) for t in zd.VAL_T] and zd.VAL_T[0] == 99 and zd.VAL_T[-1] == 999
+    s = zd.settings(zd.parser().parse_args(["train", "--out", str(tmp_path / "a"), "--resume"]))
+    nets = zd.load_model(str(tmp_path / "a" / "model.safetensors"), "demo")
+    ema = zd.load_model(str(tmp_path / "a" / "model_ema.safetensors"), "demo").unet
+    loader = zd.make_loader(s, 0, 1, False, validation=True)
+    abar = S.alphas_cumprod(S.betas(True))
+    again = [zd.validate(s, 2, nets, nets.unet, ema, loader, abar, S.snr(abar), contextlib.nullcontext(), print, None,
+                         lambda: None) for _ in range(2)]
+    for key in ("val_loss", "val_loss_by_t", "val_ema_loss", "val_ema_loss_by_t"):
+        assert again[0][key] == again[1][key] == a[2][key], key
+    by_t = np.array(list(a[2]["val_loss_by_t"].values()))
+    w = S.min_snr_weight(S.snr(abar)[list(zd.VAL_T)], 5.0, "v").numpy()
+    assert w[-1] == 0 and a[2]["val_loss"] == pytest.approx((w * by_t).mean(), rel=1e-5)
+
+
+def test_tensorboard_has_the_scalars_and_grid_and_a_resumed_run_no_step_twice(tmp_path):
+    """--tensorboard writes metrics.jsonl's numbers and the sample grid to OUT/tensorboard, read back with
+    tensorboard's own reader. A run resumed from step 2 drops what was logged after it (here a point written at step 3
+    after the save, as an interrupted run leaves it), so every step appears once."""
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    out, flags = tmp_path / "run", ["--tensorboard", *VAL, "--sample-prompt", "a plain black image"]
+    _train(out, "--steps", "2", "--sample-every", "2", *flags)
+    from torch.utils.tensorboard import SummaryWriter
+    with SummaryWriter(out / "tensorboard") as w:
+        w.add_scalar("loss", 123.0, 3)
+    _train(out, "--resume", "--steps", "3")
+    board = accumulator.EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    board.Reload()
+    tags = board.Tags()["scalars"]
+    for tag in ("loss", "lr", "grad_norm", "skipped", "samples_s", "val_loss", "val_loss_by_t/999", "val_ema_loss",
+                "val_ema_loss_by_t/999"):
+        assert tag in tags, tag
+    assert any(tag.startswith("loss_by_t/") for tag in tags)      # the bins this run's few samples fell in
+    loss = {e.step: e.value for e in board.Scalars("loss")}
+    assert [e.step for e in board.Scalars("loss")] == [1, 2, 3] and loss[3] != 123.0
+    assert loss == pytest.approx({m["step"]: m["loss"] for m in map(json.loads, open(out / "metrics.jsonl"))
+                                  if "loss" in m})
+    assert [e.step for e in board.Scalars("val_loss_by_t/999")] == [1, 2, 3]
+    assert [e.step for e in board.Images("samples")] == [2]
+
+
+def test_tensorboard_missing_is_one_line_naming_the_install(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)   # as if tensorboard were not installed
+    err = refused(capsys, "train", "--out", str(tmp_path), "--tensorboard", *TINY_TRAIN)
+    assert "pip install tensorboard" in err and not (tmp_path / "train_state.json").exists()
 
 
 def test_progress_says_something_at_least_every_30_seconds(monkeypatch):
