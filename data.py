@@ -927,7 +927,8 @@ class Loader:
             entries, bucket_of = list(enumerate(self.dataset.items)), self.dataset.bucket_of
         else:
             stream = ShardStream(self.shards, self.buckets, self.batch_size, 0, 1, self.filters, self.opts)
-            entries = list(stream.samples(0, 0, 1, new_stats(), lambda name, e: self._warn(name, e)))
+            warn = lambda name, e: name in self._warned or self._warn(name, e)   # named once, not every pass
+            entries = list(stream.samples(0, 0, 1, new_stats(), warn))
             bucket_of = [bucket_for(item.w, item.h, self.buckets) for _, item in entries]
         by_bucket, opts = {}, dict(self.opts, caption_dropout=0.0, flip=False, random_crop=False)
         for entry, bkt in zip(entries, bucket_of):

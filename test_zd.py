@@ -2330,22 +2330,35 @@ def test_sigterm_saves_and_stops_cleanly(tmp_path):
     assert json.loads((out / "train_state.json").read_text())["step"] == step + 1
 
 
-# Runs `zd.py ARGV` with a signal sent to itself from inside zd: at the first file write (a save), at the first
-# sampler call (a sample grid), twice at the first step (two Ctrl-C), or while the data loader is set up (start-up).
+# Runs `zd.py ARGV` in a session of its own and, from inside zd, sends a signal to that whole process group (as a
+# terminal's Ctrl-C or a job scheduler does) at one place: the first file write (a save), the first denoising step of a
+# sample grid, the validation pass's second batch, the demo's score after its first prompt, the data loader's set-up
+# (start-up), or twice at the first step (two Ctrl-C). It says when it sent it, for the test's log of the exit time.
 SIGNAL_DRIVER = """
-import os, signal, sys, model, zd
+import os, signal, sys, time, data, model, schedule, zd
 when, argv = sys.argv[1], sys.argv[2:]
+def send(sig, times=1):
+    print(f"signal sent at {time.time()}", file=sys.stderr, flush=True)
+    for _ in range(times):
+        os.killpg(0, sig)
 def patch(owner, name, sig, times=1):
     original = getattr(owner, name)
     def patched(*a, **k):
         if not patched.sent:
             patched.sent = True
-            for _ in range(times):
-                os.kill(os.getpid(), sig)
+            send(sig, times)
         return original(*a, **k)
     patched.sent = False
     setattr(owner, name, patched)
-{"save": lambda: patch(model, "atomic_write", signal.SIGTERM), "grid": lambda: patch(zd, "generate", signal.SIGTERM),
+def second_batch(*a, **k):
+    for i, batch in enumerate(fixed_batches(*a, **k)):
+        if i == 1:
+            send(signal.SIGTERM)
+        yield batch
+fixed_batches, data.Loader.fixed_batches = data.Loader.fixed_batches, second_batch
+{"save": lambda: patch(model, "atomic_write", signal.SIGTERM),
+ "grid": lambda: patch(schedule, "ddim_step", signal.SIGTERM), "validation": lambda: None,
+ "demo score": lambda: patch(data, "demo_judge", signal.SIGTERM),
  "ctrl-c twice": lambda: patch(zd, "sample_noise", signal.SIGINT, 2),
  "start-up": lambda: patch(zd, "make_loader", signal.SIGTERM)}[when]()
 zd.main(argv)
@@ -2353,25 +2366,35 @@ zd.main(argv)
 
 
 def _signalled(when, out, *flags):
+    """(exit status, log) of SIGNAL_DRIVER; prints how long the exit took after the signal."""
     run = subprocess.run([sys.executable, "-c", SIGNAL_DRIVER, when, "train", "--out", str(out), *TINY_TRAIN, *flags],
-                         cwd=HERE, capture_output=True, text=True, timeout=300)
+                         cwd=HERE, capture_output=True, text=True, timeout=300, start_new_session=True)
+    sent = re.search(r"signal sent at ([\d.]+)", run.stderr)
+    print(f"{when}: exited {time.time() - float(sent[1]):.1f} s after the signal" if sent else f"{when}: no signal")
     return run.returncode, run.stdout + run.stderr
 
 
-@pytest.mark.parametrize("when, flags, step", [
-    ("save", ["--steps", "6", "--save-every", "3"], 3),                        # the first save, at step 3
-    ("grid", ["--steps", "6", "--sample-every", "2"], 2),                      # a grid at a step that is not saved
-    ("grid", ["--steps", "2", "--sample-every", "2"], 2)])                     # the final grid, after the final save
-def test_a_signal_during_a_save_or_a_grid_leaves_the_last_step_saved(tmp_path, when, flags, step):
-    """SIGTERM while a save is being written lets it finish; during a sample grid it abandons the grid. Either way the
-    last completed step is saved whole, the exit status is 0, and --resume continues from it."""
+@pytest.mark.parametrize("when, flags, step, where", [
+    ("save", ["--steps", "6", "--save-every", "3"], 3, "a save"),                       # the first save, at step 3
+    ("grid", ["--steps", "6", "--sample-every", "2"], 2, "a sample grid"),              # at a step that is not saved
+    ("grid", ["--steps", "2", "--sample-every", "2"], 2, "a sample grid"),              # after the final save
+    ("validation", ["--steps", "6", "--val-fraction", "0.005", "--val-every", "2"], 2, "the validation pass"),
+    ("demo score", ["--steps", "2", "--sample-every", "9", "--sample-prompt", "a plain black image"], 2,
+     "the demo's score")])
+def test_a_signal_anywhere_stops_within_seconds_with_the_last_step_saved(tmp_path, when, flags, step, where):
+    """SIGTERM to the process group while a save is written lets it finish; during a sample grid, the validation pass
+    or the demo's score it abandons them at the next network call, with the step saved before them. Either way the
+    last completed step is saved whole, the exit status is 0, the last line says where, and --resume continues."""
     code, log = _signalled(when, tmp_path, *flags)
-    assert code == 0 and f"SIGTERM: stopped at step {step}, saved in" in log and "Traceback" not in log, log
-    said = re.search(f"sample grid at step {step}: 4/{4 * len(zd.DEMO_PROMPTS)} images", log)   # how far it got
-    assert bool(said) == (when == "grid")
+    assert code == 0 and "Traceback" not in log, log
+    assert f"SIGTERM: stopped at step {step}, saved in" in log and f"(signalled during {where})" in log, log
+    assert f"validation at step {step}:" not in log and "prompts pass" not in log
+    if when == "grid":   # stopped inside its first prompt, between two denoising steps
+        assert not re.search(f"sample grid at step {step}: 4/", log)
+        assert not (tmp_path / "samples" / f"step_{step:06d}" / "grid.png").exists()
     assert json.loads((tmp_path / "train_state.json").read_text())["step"] == step
     assert model.load(tmp_path / "model.safetensors").meta["prediction"] == "v"
-    assert not (tmp_path / "samples" / f"step_{step:06d}" / "grid.png").exists()
+    assert all("val_loss" not in json.loads(line) for line in open(tmp_path / "metrics.jsonl"))
     _train(tmp_path, "--resume", "--steps", str(step + 1))
     assert json.loads((tmp_path / "train_state.json").read_text())["step"] == step + 1
 
@@ -2389,8 +2412,8 @@ def test_validation_holds_out_a_fixed_share_never_trained_on(tmp_path):
     """--val-fraction: a seeded share of the images by name, the same every time, in no training batch; the rest train.
     Refused for shards (it would need a pass over all of them)."""
     kw = dict(workers=0, val_fraction=0.1, **TINY)
-    train, val = data.Loader([data.DemoSource(n=300)], 8, **kw), data.Loader([data.DemoSource(n=300)], 8, validation=True,
-                                                                           **kw)
+    train = data.Loader([data.DemoSource(n=300)], 8, **kw)
+    val = data.Loader([data.DemoSource(n=300)], 8, validation=True, **kw)
     names = lambda loader: {it.name for it in loader.dataset.items}
     assert not names(train) & names(val) and len(names(train) | names(val)) == 300 and 15 <= len(names(val)) <= 45
     assert names(val) == {it.name for it in data.DemoSource(n=300).items() if data.held_out(0, it.name, 0.1)}
@@ -2402,8 +2425,12 @@ def test_validation_holds_out_a_fixed_share_never_trained_on(tmp_path):
     assert sorted(i for b in batches for i in b["index"].tolist()) == list(range(len(names(val))))
     assert all(c for b in batches for c in b["captions"]) and all(len(b["index"]) <= 8 for b in batches)
     assert all(torch.equal(a["pixels"], b["pixels"]) for a, b in zip(batches, val.fixed_batches()))
+    shard = _data_scored_shard(tmp_path / "s.tar")           # --val-data shards: every kept sample, each pass
+    val = data.Loader([shard], 5, workers=0, min_side=1, validation=True, **TINY)
+    for _ in range(2):
+        assert [b["index"].tolist() for b in val.fixed_batches()] == [list(range(5)), list(range(5, 10)), [10, 11]]
     with pytest.raises(ValueError, match="--val-data"):
-        data.Loader([_data_scored_shard(tmp_path / "s.tar")], 1, workers=0, val_fraction=0.1)
+        data.Loader([shard], 1, workers=0, val_fraction=0.1)
 
 
 def test_validation_loss_is_the_same_for_the_same_weights_and_across_resume(tmp_path):
@@ -2485,10 +2512,10 @@ def test_a_cpu_run_with_a_vae_says_what_a_sample_grid_costs(tmp_path, capsys):
     assert "--sample-every 0 skips them" in out and (tmp_path / "out" / "samples" / "step_000001" / "grid.png").exists()
 
 
-def test_a_signal_during_start_up_stops_before_training(tmp_path):
+def test_a_signal_during_start_up_stops_at_once(tmp_path):
     code, log = _signalled("start-up", tmp_path, "--steps", "3")
-    assert code == 0 and "SIGTERM: stopped at step 0, before training: nothing new to save" in log, log
-    assert not (tmp_path / "train_state.json").exists()
+    assert code == 0 and "SIGTERM: stopped before training: nothing new to save (signalled during start-up)" in log
+    assert "Traceback" not in log and not (tmp_path / "train_state.json").exists(), log
 
 
 def test_second_ctrl_c_quits_at_once(tmp_path):
