@@ -231,7 +231,7 @@ def train(args):
     abar = S.alphas_cumprod(S.betas(s.schedule == "zt")).to(device)   # float64, never fp16 (pitfall 8)
     snr = S.snr(abar)                                                 # of the *rescaled* schedule (pitfall 1)
     loader = make_loader(s, rank, world, cuda)
-    val_loader = make_loader(s, 0, 1, cuda, validation=True) if rank == 0 and (s.val_data or s.val_fraction) else None
+    validation = Validation(make_loader(s, 0, 1, cuda, True)) if rank == 0 and (s.val_data or s.val_fraction) else None
     batches = loader.batches(start=position + 1)
     text_cache = {}
     global_batch = s.batch_size * world * s.grad_accum
@@ -299,9 +299,9 @@ def train(args):
             if rank == 0 and (step % s.save_every == 0 or step == s.steps):   # saved before any sampling
                 with interrupts.during("a save"):
                     saved = save(s, step, position, skipped, unet, ema, opt, nets)
-            if val_loader and (step % (s.val_every or s.save_every) == 0 or step == s.steps):
+            if validation and (step % (s.val_every or s.save_every) == 0 or step == s.steps):
                 with interrupts.during("the validation pass"):
-                    validate(s, step, nets, unet, ema, val_loader, abar, snr, autocast, log, board, interrupts.check)
+                    validation(s, step, nets, unet, ema, abar, snr, autocast, log, board, interrupts.check)
             if rank == 0 and s.sample_every and not s.inpaint and (step % s.sample_every == 0 or step == s.steps):
                 with interrupts.during("a sample grid"):
                     sample_grid(s, step, ema, nets, log, board, interrupts.check)
@@ -688,8 +688,24 @@ VAL_T = tuple(range(S.T // T_BINS - 1, S.T, S.T // T_BINS))   # 99, 199, …, 99
 VAL_STREAM = 2 ** 40   # sample_noise's micro-step of the validation draws: one no run reaches
 
 
+class Validation:
+    """The validation passes of a run on its validation set (make_loader(validation=True)); each says what share of
+    the run's time since the one before it took."""
+
+    def __init__(self, loader):
+        self.loader, self.last = loader, time.time()
+
+    def __call__(self, s, step, nets, unet, ema, abar, snr, autocast, log, board, stop):
+        metrics = validate(s, step, nets, unet, ema, self.loader, abar, snr, autocast, board, stop)
+        share, self.last = metrics["val_seconds"] / max(time.time() - self.last, 1e-9), time.time()
+        log(f"validation at step {step}: loss {metrics['val_loss']:.4f}, EMA {metrics['val_ema_loss']:.4f}; at t = 999 "
+            f"{metrics['val_loss_by_t']['999']:.4f}, EMA {metrics['val_ema_loss_by_t']['999']:.4f} "
+            f"({metrics['val_images']} images, {metrics['val_seconds']:.1f} s, {share:.0%} of the time since the last)",
+            flush=True)
+
+
 @torch.no_grad()
-def validate(s, step, nets, unet, ema, loader, abar, snr, autocast, log, board, stop):
+def validate(s, step, nets, unet, ema, loader, abar, snr, autocast, board, stop):
     """The validation loss of the UNet and the EMA on loader.fixed_batches(): each image at every t of VAL_T, with the
     same ε, IP noise and VAE noise every time (sample_noise's draws for VAL_STREAM and the image's index), captions
     kept; so the same weights give the same numbers, across runs and --resume. Logged as one metrics.jsonl line: per
@@ -716,9 +732,6 @@ def validate(s, step, nets, unet, ema, loader, abar, snr, autocast, log, board, 
         metrics[f"{name}_loss"] = weighted[name] / (n * T_BINS)
         metrics[f"{name}_loss_by_t"] = {str(t): m / n for t, m in zip(VAL_T, mse[name])}
     record(s.out, metrics, board)
-    log(f"validation at step {step}: loss {metrics['val_loss']:.4f}, EMA {metrics['val_ema_loss']:.4f}; at t = 999 "
-        f"{metrics['val_loss_by_t']['999']:.4f}, EMA {metrics['val_ema_loss_by_t']['999']:.4f} ({n} images, "
-        f"{metrics['val_seconds']:.1f} s)", flush=True)
     return metrics
 
 
