@@ -2288,16 +2288,22 @@ def test_fine_tune_a_checkpoint_starts_from_its_ema_and_writes_v_zt_files(tmp_pa
 def test_two_ranks_match_one_rank_with_twice_the_batch(tmp_path):
     """torchrun, 2 CPU ranks (gloo) × batch 2 == 1 rank × batch 4 after 3 steps: the same losses and gradient norms at
     every step, and the same weights to float tolerance. (Adam's first steps move a parameter by ≈ lr·sign(g)
-    whatever |g|, so parameters with float-noise gradients may differ by up to a few lr: 99.9% agree to 1e-6.)"""
-    flags = ["--steps", "3", "--workers", "0", "--sample-every", "0", "--log-every", "1", "--device", "cpu"]
+    whatever |g|, so parameters with float-noise gradients may differ by up to a few lr: 99.9% agree to 1e-6.)
+    Rank 0 validates on its own, and finds what one rank finds."""
+    flags = ["--steps", "3", "--workers", "0", "--sample-every", "0", "--log-every", "1", "--device", "cpu",
+             "--val-fraction", "0.005", "--val-every", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for cmd in (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "zd.py", "train", "--out",
                  str(tmp_path / "ddp"), "--batch-size", "2", *flags],
                 ["zd.py", "train", "--out", str(tmp_path / "one"), "--batch-size", "4", *flags]):
         run = subprocess.run([sys.executable, *cmd], cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    m_ddp = [json.loads(line) for line in open(tmp_path / "ddp" / "metrics.jsonl")]
-    m_one = [json.loads(line) for line in open(tmp_path / "one" / "metrics.jsonl")]
+    m_ddp = [json.loads(line) for line in open(tmp_path / "ddp" / "metrics.jsonl") if "val_loss" not in line]
+    m_one = [json.loads(line) for line in open(tmp_path / "one" / "metrics.jsonl") if "val_loss" not in line]
+    v_ddp, v_one = _val_lines(tmp_path / "ddp"), _val_lines(tmp_path / "one")
+    assert sorted(v_ddp) == sorted(v_one) == [2, 3]
+    for step in v_one:
+        assert v_ddp[step]["val_loss_by_t"] == pytest.approx(v_one[step]["val_loss_by_t"], rel=1e-4)
     for key in ("loss", "grad_norm"):
         assert [m[key] for m in m_ddp] == pytest.approx([m[key] for m in m_one], rel=1e-5), key
     ddp, one = _state(tmp_path / "ddp"), _state(tmp_path / "one")
@@ -2358,6 +2364,7 @@ def second_batch(*a, **k):
 fixed_batches, data.Loader.fixed_batches = data.Loader.fixed_batches, second_batch
 {"save": lambda: patch(model, "atomic_write", signal.SIGTERM),
  "grid": lambda: patch(schedule, "ddim_step", signal.SIGTERM), "validation": lambda: None,
+ "grid, Ctrl-C": lambda: patch(schedule, "ddim_step", signal.SIGINT),
  "demo score": lambda: patch(data, "demo_judge", signal.SIGTERM),
  "ctrl-c twice": lambda: patch(zd, "sample_noise", signal.SIGINT, 2),
  "start-up": lambda: patch(zd, "make_loader", signal.SIGTERM)}[when]()
@@ -2378,6 +2385,7 @@ def _signalled(when, out, *flags):
     ("save", ["--steps", "6", "--save-every", "3"], 3, "a save"),                       # the first save, at step 3
     ("grid", ["--steps", "6", "--sample-every", "2"], 2, "a sample grid"),              # at a step that is not saved
     ("grid", ["--steps", "2", "--sample-every", "2"], 2, "a sample grid"),              # after the final save
+    ("grid, Ctrl-C", ["--steps", "2", "--sample-every", "2"], 2, "a sample grid"),      # as a terminal sends it
     ("validation", ["--steps", "6", "--val-fraction", "0.005", "--val-every", "2"], 2, "the validation pass"),
     ("demo score", ["--steps", "2", "--sample-every", "9", "--sample-prompt", "a plain black image"], 2,
      "the demo's score")])
@@ -2387,9 +2395,10 @@ def test_a_signal_anywhere_stops_within_seconds_with_the_last_step_saved(tmp_pat
     last completed step is saved whole, the exit status is 0, the last line says where, and --resume continues."""
     code, log = _signalled(when, tmp_path, *flags)
     assert code == 0 and "Traceback" not in log, log
-    assert f"SIGTERM: stopped at step {step}, saved in" in log and f"(signalled during {where})" in log, log
+    sig = "SIGINT" if "Ctrl-C" in when else "SIGTERM"
+    assert f"{sig}: stopped at step {step}, saved in" in log and f"(signalled during {where})" in log, log
     assert f"validation at step {step}:" not in log and "prompts pass" not in log
-    if when == "grid":   # stopped inside its first prompt, between two denoising steps
+    if when.startswith("grid"):   # stopped inside its first prompt, between two denoising steps
         assert not re.search(f"sample grid at step {step}: 4/", log)
         assert not (tmp_path / "samples" / f"step_{step:06d}" / "grid.png").exists()
     assert json.loads((tmp_path / "train_state.json").read_text())["step"] == step
