@@ -44,7 +44,7 @@ Per-sample randomness (caption dropout, flip, crop offset, mask) comes from (see
 from the rank or worker that happens to load the sample.
 
 Validation: Loader(val_fraction=F) holds out a seeded share F of the folder and demo images, chosen by a hash of each
-sample's name (held_out), and trains on the rest; Loader(validation=True) is the validation set itself, that share or
+image's path in its folder (held_out), and trains on the rest; Loader(validation=True) is the validation set itself, that share or
 all of its sources (--val-data), read by fixed_batches: every image once, in the same batches every time.
 """
 import glob
@@ -835,9 +835,11 @@ class Loader:
             return
         self.shards = None
         items, self.scan = [], Counter(images=0, cached=0, seconds=0.0, workers=0)
+        keys = []  # each item's name in its source, which picks the validation share: a folder may move
         for s in sources:
             if isinstance(s, DemoSource):
                 items += s.items()
+                keys += [it.name for it in items[len(keys):]]
                 self.stats["kept"] += s.n
                 continue
             if not os.path.isdir(s):
@@ -848,16 +850,17 @@ class Loader:
             if not info["images"]:
                 raise FileNotFoundError(f"no image file ({' '.join(IMAGE_EXTS)}) in {s}")
             items += kept
+            keys += [os.path.relpath(it.name, s) for it in kept]
             self.scan.update(images=info["images"], cached=info["cached"], seconds=info["seconds"])
             self.scan["workers"] = info["workers"]
             self._log(f"scanned {s}: {scan_line(info)}")
             if info["cache_error"]:
                 self._log(f"could not write its scan cache ({info['cache_error']}): the next scan reads every header")
         if val_fraction:
-            held = [it for it in items if held_out(seed, it.name, val_fraction)]
-            items = held if validation else [it for it in items if not held_out(seed, it.name, val_fraction)]
+            held = [held_out(seed, key, val_fraction) for key in keys]
             if not validation:
-                self._log(f"validation share {val_fraction:g}: {plural(len(held), 'image')} held out, not trained on")
+                self._log(f"validation share {val_fraction:g}: {plural(sum(held), 'image')} held out, not trained on")
+            items = [it for it, h in zip(items, held) if h == validation]
         bucket_of = [bucket_for(it.w, it.h, self.buckets) for it in items]
         self.dataset = PlannedBatches(items, bucket_of, batch_size, rank, world_size, self.opts)
         self.batches_per_epoch = len(self.dataset)
@@ -1097,8 +1100,9 @@ def merge_counts(stats, counts):
 
 
 def held_out(seed, name, fraction):
-    """Whether the sample `name` is in the validation share `fraction`: a seeded hash of its name, so the share stays
-    the same across runs, resumes and ranks, and adding images never moves one in or out."""
+    """Whether the sample `name` (its path in its folder) is in the validation share `fraction`: a seeded hash of the
+    name, so the share stays the same across runs, resumes, ranks and moves of the folder, and adding images never
+    moves one in or out."""
     digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") < fraction * 2 ** 64
 

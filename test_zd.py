@@ -2440,6 +2440,12 @@ def test_validation_holds_out_a_fixed_share_never_trained_on(tmp_path):
         assert [b["index"].tolist() for b in val.fixed_batches()] == [list(range(5)), list(range(5, 10)), [10, 11]]
     with pytest.raises(ValueError, match="--val-data"):
         data.Loader([shard], 1, workers=0, val_fraction=0.1)
+    for k in range(40):                                          # a folder's share is by the path within it
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{k}.png")
+    picked = lambda folder: sorted(os.path.basename(it.name) for it in data.Loader(
+        [str(folder)], 1, workers=0, min_side=1, val_fraction=0.3, validation=True).dataset.items)
+    moved = shutil.move(tmp_path, tmp_path.with_name("moved"))
+    assert picked(moved) == sorted(f"{k}.png" for k in range(40) if data.held_out(0, f"{k}.png", 0.3))
 
 
 def test_validation_loss_is_the_same_for_the_same_weights_and_across_resume(tmp_path):

@@ -417,7 +417,7 @@ class Interrupts:
             flag = torch.tensor(float(self.signal is not None), device=device)
             torch.distributed.all_reduce(flag)
             if flag.item() and self.signal is None:
-                self.signal = signal.SIGTERM
+                self.signal, self.at = signal.SIGTERM, "another rank's step"
         return self.signal is not None
 
     def restore(self):
@@ -709,8 +709,8 @@ def validate(s, step, nets, unet, ema, loader, abar, snr, autocast, board, stop)
     """The validation loss of the UNet and the EMA on loader.fixed_batches(): each image at every t of VAL_T, with the
     same ε, IP noise and VAE noise every time (sample_noise's draws for VAL_STREAM and the image's index), captions
     kept; so the same weights give the same numbers, across runs and --resume. Logged as one metrics.jsonl line: per
-    t the plain MSE (as training's loss_by_t), and the min-SNR-weighted mean over the t's (as training's loss, whose t
-    is uniform). stop() is called before each network call."""
+    t the plain MSE (as training's loss_by_t), and the min-SNR-weighted mean over the t's (a ten-point estimate of
+    training's loss, whose t is uniform). stop() is called before each network call."""
     t0, device = time.time(), abar.device
     mse, weighted, n = {"val": [0.0] * T_BINS, "val_ema": [0.0] * T_BINS}, {"val": 0.0, "val_ema": 0.0}, 0
     for batch in loader.fixed_batches():
