@@ -195,7 +195,7 @@ def train(args):
     rank, world, device = init_distributed(s.device)
     ddp, cuda = torch.distributed.is_initialized(), device.type == "cuda"
     log = print if rank == 0 else (lambda *a, **k: None)
-    interrupts = Interrupts(log)   # in start-up a signal stops at once: nothing is written before the loop
+    interrupts = Interrupts(log)   # in start-up a signal stops at once: nothing of this run is saved yet
     check_writable(s.out)
     board = Board(s.out) if rank == 0 and s.tensorboard else None
 
@@ -949,6 +949,7 @@ def generate(nets, prompts, *, negative="", steps=25, guidance=7.5, rescale=0.7,
             # the image noised to the first step's ᾱ, x_t = √ᾱ·x0 + √(1−ᾱ)·ε (Ho et al. 2020, eq. 4); an inpainting
             # model at strength 1 starts from pure noise, as diffusers' inpainting pipeline does
             x = S.add_noise(latent(image).expand_as(noise), noise, abar[ts[0]])
+    # stop() before each UNet call, from a hook: the sampler itself stays the paper's loop
     hook = nets.unet.register_forward_pre_hook(lambda *_: stop()) if stop else None
     try:
         x = ddim(nets, x, context, ts, abar, pred, guidance, rescale, known, progress and sys.stderr.isatty())
