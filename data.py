@@ -43,6 +43,10 @@ Batches: every batch comes from one bucket.
   count this rank's batches; resuming replays the readers' streams reading headers only.
 Per-sample randomness (caption dropout, flip, crop offset, mask) comes from (seed, epoch, global sample index), never
 from the rank or worker that happens to load the sample.
+
+Validation: Loader(val_fraction=F) holds out a seeded share F of the folder and demo images, chosen by a hash of each
+image's path in its folder (held_out), and trains on the rest; Loader(validation=True) is the validation set itself, that share or
+all of its sources (--val-data), read by fixed_batches: every image once, in the same batches every time.
 """
 import glob
 import hashlib
@@ -834,7 +838,7 @@ class Loader:
     def __init__(self, sources, batch_size, *, seed=0, rank=0, world_size=1, workers=2, min_side=1024,
                  min_aesthetic=None, max_watermark=None, max_unsafe=None, drop_unscored=False,
                  bucket_area=512 * 512, bucket_min=384, bucket_max=640, bucket_step=64, caption_dropout=0.1,
-                 flip=False, random_crop=False, inpaint=False, pin_memory=False):
+                 flip=False, random_crop=False, inpaint=False, pin_memory=False, val_fraction=0.0, validation=False):
         assert seed >= 0 and 0 <= rank < world_size and batch_size >= 1
         assert all(p is None or 0 <= p <= 1 for p in (max_watermark, max_unsafe)), "pwatermark, punsafe are in [0, 1]"
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
@@ -853,6 +857,9 @@ class Loader:
         shards = [s for s in sources if isinstance(s, str) and s.endswith(".tar")]
         if shards and len(shards) != len(sources):
             raise ValueError("tar shards cannot be mixed with folder or demo sources in one Loader")
+        if shards and val_fraction:
+            raise ValueError("a validation share of tar shards would need a pass over all of them: give held-out "
+                             "images as --val-data instead of --val-fraction")
         if shards:
             self.shards = expand_shards(shards)
             self.batches_per_epoch = self.scan = None
@@ -862,9 +869,11 @@ class Loader:
             return
         self.shards = None
         items, self.scan = [], Counter(images=0, cached=0, seconds=0.0, workers=0)
+        keys = []  # each item's name in its source, which picks the validation share: a folder may move
         for s in sources:
             if isinstance(s, DemoSource):
                 items += s.items()
+                keys += [it.name for it in items[len(keys):]]
                 self.stats["kept"] += s.n
                 continue
             if not os.path.isdir(s):
@@ -875,14 +884,26 @@ class Loader:
             if not info["images"]:
                 raise FileNotFoundError(f"no image file ({' '.join(IMAGE_EXTS)}) in {s}")
             items += kept
+            keys += [os.path.relpath(it.name, s) for it in kept]
             self.scan.update(images=info["images"], cached=info["cached"], seconds=info["seconds"])
             self.scan["workers"] = info["workers"]
             self._log(f"scanned {s}: {scan_line(info)}")
             if info["cache_error"]:
                 self._log(f"could not write its scan cache ({info['cache_error']}): the next scan reads every header")
+        if val_fraction:
+            held = [held_out(seed, key, val_fraction) for key in keys]
+            if not validation:
+                self._log(f"validation share {val_fraction:g}: {plural(sum(held), 'image')} held out, not trained on")
+            items = [it for it, h in zip(items, held) if h == validation]
         bucket_of = [bucket_for(it.w, it.h, self.buckets) for it in items]
         self.dataset = PlannedBatches(items, bucket_of, batch_size, rank, world_size, self.opts)
         self.batches_per_epoch = len(self.dataset)
+        if validation:
+            self._log(f"validation set: {plural(len(items), 'image')}")
+            if not items:
+                raise ValueError("the validation set is empty: raise --val-fraction, or give --val-data images that "
+                                 "pass the filters")
+            return
         g = batch_size * world_size
         per_bucket = Counter(bucket_of)
         tail = sum(n % g for n in per_bucket.values())
@@ -934,6 +955,26 @@ class Loader:
                 print(f"data: warning: batch {batch['position']} had no decodable image and was skipped", flush=True)
                 continue
             yield batch
+
+    def fixed_batches(self):
+        """The validation set (validation=True), every image once in the same order and batches every time: up to
+        batch_size images of one bucket each, cropped as in epoch 0 but centred and unflipped, captions kept. Shards
+        are read once per call."""
+        if self.shards is None:
+            entries, bucket_of = list(enumerate(self.dataset.items)), self.dataset.bucket_of
+        else:
+            stream = ShardStream(self.shards, self.buckets, self.batch_size, 0, 1, self.filters, self.opts)
+            warn = lambda name, e: name in self._warned or self._warn(name, e)   # named once, not every pass
+            entries = list(stream.samples(0, 0, 1, new_stats(), warn))
+            bucket_of = [bucket_for(item.w, item.h, self.buckets) for _, item in entries]
+        by_bucket, opts = {}, dict(self.opts, caption_dropout=0.0, flip=False, random_crop=False)
+        for entry, bkt in zip(entries, bucket_of):
+            by_bucket.setdefault(bkt, []).append(entry)
+        for bkt, members in sorted(by_bucket.items()):
+            for k in range(0, len(members), self.batch_size):
+                batch = make_batch(members[k:k + self.batch_size], bkt, 0, k, opts)
+                if "pixels" in batch:
+                    yield batch
 
 
 def survey(loader, sheet=None, per_bucket=16, count_tokens=None):
@@ -1090,6 +1131,14 @@ def merge_counts(stats, counts):
             stats[key].update(n)
         else:
             stats[key] += n
+
+
+def held_out(seed, name, fraction):
+    """Whether the sample `name` (its path in its folder) is in the validation share `fraction`: a seeded hash of the
+    name, so the share stays the same across runs, resumes, ranks and moves of the folder, and adding images never
+    moves one in or out."""
+    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < fraction * 2 ** 64
 
 
 def _priority(seed, index):

@@ -6,6 +6,7 @@ transformers as oracles), and a test for each of the README's numbered pitfalls.
                                                  1500-step demo drawing its vocabulary (≈ 6 minutes in all)
 """
 import argparse
+import contextlib
 import functools
 import io
 import json
@@ -2900,16 +2901,22 @@ def test_resume_without_its_base_model_takes_the_run_s_own_file_or_a_new_model(t
 def test_two_ranks_match_one_rank_with_twice_the_batch(tmp_path):
     """torchrun, 2 CPU ranks (gloo) × batch 2 == 1 rank × batch 4 after 3 steps: the same losses and gradient norms at
     every step, and the same weights to float tolerance. (Adam's first steps move a parameter by ≈ lr·sign(g)
-    whatever |g|, so parameters with float-noise gradients may differ by up to a few lr: 99.9% agree to 1e-6.)"""
-    flags = ["--steps", "3", "--workers", "0", "--sample-every", "0", "--log-every", "1", "--device", "cpu"]
+    whatever |g|, so parameters with float-noise gradients may differ by up to a few lr: 99.9% agree to 1e-6.)
+    Rank 0 validates on its own, and finds what one rank finds."""
+    flags = ["--steps", "3", "--workers", "0", "--sample-every", "0", "--log-every", "1", "--device", "cpu",
+             "--val-fraction", "0.005", "--val-every", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for cmd in (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "zd.py", "train", "--out",
                  str(tmp_path / "ddp"), "--batch-size", "2", *flags],
                 ["zd.py", "train", "--out", str(tmp_path / "one"), "--batch-size", "4", *flags]):
         run = subprocess.run([sys.executable, *cmd], cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    m_ddp = [json.loads(line) for line in open(tmp_path / "ddp" / "metrics.jsonl")]
-    m_one = [json.loads(line) for line in open(tmp_path / "one" / "metrics.jsonl")]
+    m_ddp = [json.loads(line) for line in open(tmp_path / "ddp" / "metrics.jsonl") if "val_loss" not in line]
+    m_one = [json.loads(line) for line in open(tmp_path / "one" / "metrics.jsonl") if "val_loss" not in line]
+    v_ddp, v_one = _val_lines(tmp_path / "ddp"), _val_lines(tmp_path / "one")
+    assert sorted(v_ddp) == sorted(v_one) == [2, 3]
+    for step in v_one:
+        assert v_ddp[step]["val_loss_by_t"] == pytest.approx(v_one[step]["val_loss_by_t"], rel=1e-4)
     for key in ("loss", "grad_norm"):
         assert [m[key] for m in m_ddp] == pytest.approx([m[key] for m in m_one], rel=1e-5), key
     ddp, one = _state(tmp_path / "ddp"), _state(tmp_path / "one")
@@ -2942,23 +2949,37 @@ def test_sigterm_saves_and_stops_cleanly(tmp_path):
     assert json.loads((out / "train_state.json").read_text())["step"] == step + 1
 
 
-# Runs `zd.py ARGV` with a signal sent to itself from inside zd: at the first file write (a save), at the first
-# sampler call (a sample grid), twice at the first step (two Ctrl-C, or SIGTERM then Ctrl-C), or while the data loader
-# is set up (start-up).
+# Runs `zd.py ARGV` in a session of its own and, from inside zd, sends signals to that whole process group (as a
+# terminal's Ctrl-C or a job scheduler does) at one place: the first file write (a save), the first denoising step of a
+# sample grid, the validation pass's second batch, the demo's score after its first prompt, the data loader's set-up
+# (start-up), or at the first step (two Ctrl-C, or SIGTERM then Ctrl-C). It says when it sent them, for the test's log
+# of the exit time.
 SIGNAL_DRIVER = """
-import os, signal, sys, model, zd
+import os, signal, sys, time, data, model, schedule, zd
 when, argv = sys.argv[1], sys.argv[2:]
+def send(*sigs):
+    print(f"signal sent at {time.time()}", file=sys.stderr, flush=True)
+    for sig in sigs:
+        os.killpg(0, sig)
 def patch(owner, name, *sigs):
     original = getattr(owner, name)
     def patched(*a, **k):
         if not patched.sent:
             patched.sent = True
-            for sig in sigs:
-                os.kill(os.getpid(), sig)
+            send(*sigs)
         return original(*a, **k)
     patched.sent = False
     setattr(owner, name, patched)
-{"save": lambda: patch(model, "atomic_write", signal.SIGTERM), "grid": lambda: patch(zd, "generate", signal.SIGTERM),
+def second_batch(*a, **k):
+    for i, batch in enumerate(fixed_batches(*a, **k)):
+        if i == 1:
+            send(signal.SIGTERM)
+        yield batch
+fixed_batches, data.Loader.fixed_batches = data.Loader.fixed_batches, second_batch
+{"save": lambda: patch(model, "atomic_write", signal.SIGTERM),
+ "grid": lambda: patch(schedule, "ddim_step", signal.SIGTERM), "validation": lambda: None,
+ "grid, Ctrl-C": lambda: patch(schedule, "ddim_step", signal.SIGINT),
+ "demo score": lambda: patch(data, "demo_judge", signal.SIGTERM),
  "ctrl-c twice": lambda: patch(zd, "sample_noise", signal.SIGINT, signal.SIGINT),
  "sigterm, ctrl-c": lambda: patch(zd, "sample_noise", signal.SIGTERM, signal.SIGINT),
  "start-up": lambda: patch(zd, "make_loader", signal.SIGTERM)}[when]()
@@ -2967,28 +2988,143 @@ zd.main(argv)
 
 
 def _signalled(when, out, *flags):
+    """(exit status, log) of SIGNAL_DRIVER; prints how long the exit took after the signal."""
     run = subprocess.run([sys.executable, "-c", SIGNAL_DRIVER, when, "train", "--out", str(out), *TINY_TRAIN, *flags],
-                         cwd=HERE, capture_output=True, text=True, timeout=300)
+                         cwd=HERE, capture_output=True, text=True, timeout=300, start_new_session=True)
+    sent = re.search(r"signal sent at ([\d.]+)", run.stderr)
+    print(f"{when}: exited {time.time() - float(sent[1]):.1f} s after the signal" if sent else f"{when}: no signal")
     return run.returncode, run.stdout + run.stderr
 
 
-@pytest.mark.parametrize("when, flags, step, saying", [
-    ("save", ["--steps", "6", "--save-every", "3"], 3, "after this step, saving it first"),   # the first save
-    ("grid", ["--steps", "6", "--sample-every", "2"], 2, "after this step, saving it first"),  # at an unsaved step
-    ("grid", ["--steps", "2", "--sample-every", "2"], 2, "with every finished step saved")])   # after the final save
-def test_a_signal_during_a_save_or_a_grid_leaves_the_last_step_saved(tmp_path, when, flags, step, saying):
-    """SIGTERM while a save is being written lets it finish; during a sample grid it abandons the grid. Either way the
-    last completed step is saved whole, the exit status is 0, and --resume continues from it."""
+@pytest.mark.parametrize("when, flags, step, where, saying", [
+    ("save", ["--steps", "6", "--save-every", "3"], 3, "a save", "after this step, saving it first"),   # the first save
+    ("grid", ["--steps", "6", "--sample-every", "2"], 2, "a sample grid",                # at a step that is not saved
+     "after this step, saving it first"),
+    ("grid", ["--steps", "2", "--sample-every", "2"], 2, "a sample grid", "with every finished step saved"),  # after
+    ("grid, Ctrl-C", ["--steps", "2", "--sample-every", "2"], 2, "a sample grid",  # the final save; as a terminal sends it
+     "with every finished step saved"),
+    ("validation", ["--steps", "6", "--val-fraction", "0.005", "--val-every", "2"], 2, "the validation pass",
+     "after this step, saving it first"),
+    ("demo score", ["--steps", "2", "--sample-every", "9", "--sample-prompt", "a plain black image"], 2,
+     "the demo's score", "with every finished step saved")])
+def test_a_signal_anywhere_stops_within_seconds_with_the_last_step_saved(tmp_path, when, flags, step, where, saying):
+    """SIGTERM to the process group while a save is written lets it finish; during a sample grid, the validation pass
+    or the demo's score it abandons them at the next network call, with the step saved before them. Either way the
+    last completed step is saved whole, the exit status is 0, the signal's message and the last line say where, and
+    --resume continues."""
     code, log = _signalled(when, tmp_path, *flags)
-    assert code == 0 and f"SIGTERM: stopped at step {step}, saved in" in log and "Traceback" not in log, log
-    said = re.search(f"sample grid at step {step}: 4/{4 * len(zd.DEMO_PROMPTS)} images", log)   # how far it got
-    assert bool(said) == (when == "grid")
-    assert f"SIGTERM: stopping {saying}" in log                      # the message is true where the signal came
+    assert code == 0 and "Traceback" not in log, log
+    sig = "SIGINT" if "Ctrl-C" in when else "SIGTERM"
+    assert f"{sig}: stopped at step {step}, saved in" in log and f"(signalled during {where})" in log, log
+    assert f"{sig}: stopping {saying}" in log, log                    # the message is true where the signal came
+    assert f"validation at step {step}:" not in log and "prompts pass" not in log
+    if when.startswith("grid"):   # stopped inside its first prompt, between two denoising steps
+        assert not re.search(f"sample grid at step {step}: 4/", log)
+        assert not (tmp_path / "samples" / f"step_{step:06d}" / "grid.png").exists()
     assert json.loads((tmp_path / "train_state.json").read_text())["step"] == step
     assert model.load(tmp_path / "model.safetensors").meta["prediction"] == "v"
-    assert not (tmp_path / "samples" / f"step_{step:06d}" / "grid.png").exists()
+    assert all("val_loss" not in json.loads(line) for line in open(tmp_path / "metrics.jsonl"))
     _train(tmp_path, "--resume", "--steps", str(step + 1))
     assert json.loads((tmp_path / "train_state.json").read_text())["step"] == step + 1
+
+
+# ---- watching a run: validation loss per timestep, TensorBoard ------------------------------------------------------
+
+VAL = ["--val-fraction", "0.005", "--val-every", "1"]   # ≈ 10 of the demo's 2048 images
+
+
+def _val_lines(out):
+    return {m["step"]: m for m in map(json.loads, open(out / "metrics.jsonl")) if "val_loss" in m}
+
+
+def test_validation_holds_out_a_fixed_share_never_trained_on(tmp_path):
+    """--val-fraction: a seeded share of the images by name, the same every time, in no training batch; the rest train.
+    Refused for shards (it would need a pass over all of them)."""
+    kw = dict(workers=0, val_fraction=0.1, **TINY)
+    train = data.Loader([data.DemoSource(n=300)], 8, **kw)
+    val = data.Loader([data.DemoSource(n=300)], 8, validation=True, **kw)
+    names = lambda loader: {it.name for it in loader.dataset.items}
+    assert not names(train) & names(val) and len(names(train) | names(val)) == 300 and 15 <= len(names(val)) <= 45
+    assert names(val) == {it.name for it in data.DemoSource(n=300).items() if data.held_out(0, it.name, 0.1)}
+    assert names(val) == names(data.Loader([data.DemoSource(n=300)], 8, validation=True, **kw))     # fixed
+    assert names(val) != names(data.Loader([data.DemoSource(n=300)], 8, validation=True, **kw | dict(seed=1)))
+    trained = {train.dataset.items[i].name for b in _data_take(train.batches(), 40) for i in b["index"].tolist()}
+    assert len(trained) > 200 and not trained & names(val)
+    batches = list(val.fixed_batches())                       # every image once, as it is: no dropout, flip or crop
+    assert sorted(i for b in batches for i in b["index"].tolist()) == list(range(len(names(val))))
+    assert all(c for b in batches for c in b["captions"]) and all(len(b["index"]) <= 8 for b in batches)
+    assert all(torch.equal(a["pixels"], b["pixels"]) for a, b in zip(batches, val.fixed_batches()))
+    shard = _data_scored_shard(tmp_path / "s.tar")           # --val-data shards: every kept sample, each pass
+    val = data.Loader([shard], 5, workers=0, min_side=1, validation=True, **TINY)
+    for _ in range(2):
+        assert [b["index"].tolist() for b in val.fixed_batches()] == [list(range(5)), list(range(5, 10)), [10, 11]]
+    with pytest.raises(ValueError, match="--val-data"):
+        data.Loader([shard], 1, workers=0, val_fraction=0.1)
+    for k in range(40):                                          # a folder's share is by the path within it
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{k}.png")
+    picked = lambda folder: sorted(os.path.basename(it.name) for it in data.Loader(
+        [str(folder)], 1, workers=0, min_side=1, val_fraction=0.3, validation=True).dataset.items)
+    moved = shutil.move(tmp_path, tmp_path.with_name("moved"))
+    assert picked(moved) == sorted(f"{k}.png" for k in range(40) if data.held_out(0, f"{k}.png", 0.3))
+
+
+def test_validation_loss_is_the_same_for_the_same_weights_and_across_resume(tmp_path):
+    """The validation pass is deterministic: the same checkpoint gives the same numbers twice, and a run stopped and
+    resumed logs at step 2 what the run that went straight through logs there. Each t of VAL_T has its plain MSE, and
+    the total is the min-SNR-weighted mean: at t = 999 the v weight is 0 (SNR = 0)."""
+    _train(tmp_path / "a", "--steps", "2", *VAL)
+    _train(tmp_path / "b", "--steps", "1", *VAL)
+    _train(tmp_path / "b", "--resume", "--steps", "2")
+    a, b = _val_lines(tmp_path / "a"), _val_lines(tmp_path / "b")
+    assert sorted(a) == sorted(b) == [1, 2]
+    for key in ("val_loss", "val_loss_by_t", "val_ema_loss", "val_ema_loss_by_t"):
+        assert a[2][key] == b[2][key], key
+    assert list(a[2]["val_loss_by_t"]) == [str(t) for t in zd.VAL_T] and zd.VAL_T[0] == 99 and zd.VAL_T[-1] == 999
+    s = zd.settings(zd.parser().parse_args(["train", "--out", str(tmp_path / "a"), "--resume"]))
+    nets = zd.load_model(str(tmp_path / "a" / "model.safetensors"), "demo")
+    ema = zd.load_model(str(tmp_path / "a" / "model_ema.safetensors"), "demo").unet
+    loader = zd.make_loader(s, 0, 1, False, validation=True)
+    abar = S.alphas_cumprod(S.betas(True))
+    again = [zd.validate(s, 2, nets, nets.unet, ema, loader, abar, S.snr(abar), contextlib.nullcontext(), None,
+                         lambda: None) for _ in range(2)]
+    for key in ("val_loss", "val_loss_by_t", "val_ema_loss", "val_ema_loss_by_t"):
+        assert again[0][key] == again[1][key] == a[2][key], key
+    by_t = np.array(list(a[2]["val_loss_by_t"].values()))
+    w = S.min_snr_weight(S.snr(abar)[list(zd.VAL_T)], 5.0, "v").numpy()
+    assert w[-1] == 0 and a[2]["val_loss"] == pytest.approx((w * by_t).mean(), rel=1e-5)
+
+
+def test_tensorboard_has_the_scalars_and_grid_and_a_resumed_run_no_step_twice(tmp_path, monkeypatch):
+    """--tensorboard writes metrics.jsonl's numbers and the sample grid to OUT/tensorboard, read back with
+    tensorboard's own reader. A run resumed from step 2 drops what was logged after it (here a point written at step 3
+    after the save, as an interrupted run leaves it), so every step appears once."""
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    monkeypatch.setattr(zd, "demo_score", lambda *a, **k: [])             # the demo's end, not needed here
+    out, flags = tmp_path / "run", ["--tensorboard", *VAL, "--sample-prompt", "a plain black image"]
+    _train(out, "--steps", "2", "--sample-every", "2", *flags)
+    from torch.utils.tensorboard import SummaryWriter
+    with SummaryWriter(out / "tensorboard") as w:
+        w.add_scalar("loss", 123.0, 3)
+    _train(out, "--resume", "--steps", "3")
+    board = accumulator.EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    board.Reload()
+    tags = board.Tags()["scalars"]
+    for tag in ("loss", "lr", "grad_norm", "skipped", "samples_s", "val_loss", "val_loss_by_t/999", "val_ema_loss",
+                "val_ema_loss_by_t/999"):
+        assert tag in tags, tag
+    assert any(tag.startswith("loss_by_t/") for tag in tags)      # the bins this run's few samples fell in
+    loss = {e.step: e.value for e in board.Scalars("loss")}
+    assert [e.step for e in board.Scalars("loss")] == [1, 2, 3] and loss[3] != 123.0
+    assert loss == pytest.approx({m["step"]: m["loss"] for m in map(json.loads, open(out / "metrics.jsonl"))
+                                  if "loss" in m})
+    assert [e.step for e in board.Scalars("val_loss_by_t/999")] == [1, 2, 3]
+    assert [e.step for e in board.Images("samples")] == [2]
+
+
+def test_tensorboard_missing_is_one_line_naming_the_install(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)   # as if tensorboard were not installed
+    err = refused(capsys, "train", "--out", str(tmp_path), "--tensorboard", *TINY_TRAIN)
+    assert "pip install tensorboard" in err and not (tmp_path / "train_state.json").exists()
 
 
 def test_progress_says_something_at_least_every_30_seconds(monkeypatch):
@@ -3012,10 +3148,10 @@ def test_a_cpu_run_with_a_vae_says_what_a_sample_grid_costs(tmp_path, capsys):
     assert "--sample-every 0 skips them" in out and (tmp_path / "out" / "samples" / "step_000001" / "grid.png").exists()
 
 
-def test_a_signal_during_start_up_stops_before_training(tmp_path):
+def test_a_signal_during_start_up_stops_at_once(tmp_path):
     code, log = _signalled("start-up", tmp_path, "--steps", "3")
-    assert code == 0 and "SIGTERM: stopped at step 0, before training: nothing new to save" in log, log
-    assert not (tmp_path / "train_state.json").exists()
+    assert code == 0 and "SIGTERM: stopped before training: nothing new to save (signalled during start-up)" in log
+    assert "Traceback" not in log and not (tmp_path / "train_state.json").exists(), log
 
 
 @pytest.mark.parametrize("when, said", [("ctrl-c twice", "second Ctrl-C"), ("sigterm, ctrl-c", "Ctrl-C after SIGTERM")])

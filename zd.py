@@ -90,6 +90,10 @@ class Settings:
     ema_init: str = setting(None, "take the initial UNet/EMA weights from this file instead", metavar="PATH")
     data: tuple = setting((), "image folder, tar shard path or glob, or 'demo'; repeatable", action="append",
                           metavar="SRC")
+    val_data: tuple = setting((), "validation images, not trained on: image folder or tar shards, filtered and "
+                              "bucketed as --data; repeatable", action="append", metavar="SRC")
+    val_fraction: float = setting(0.0, "or hold out this seeded share of --data's folder images for validation, not "
+                                  "trained on", metavar="F", type=probability)
     out: str = setting("runs/zd", "output folder")
     min_side: int = setting(1024, "keep images whose original shortest side is ≥ this (the recipe's data)",
                            type=at_least(0))
@@ -144,6 +148,10 @@ class Settings:
                                     "prompt of the sample grids; repeatable", action="append", metavar="TEXT",
                                     flag="--sample-prompt")
     sample_size: tuple = setting((512, 512), "sample grid size", nargs=2, metavar=("W", "H"), type=side)
+    val_every: int = setting(None, "validation loss per timestep bin, of the UNet and the EMA, every N steps and at "
+                             "the end (default: with --save-every)", type=at_least(1))
+    tensorboard: bool = setting(False, "also write metrics.jsonl's numbers and the sample grids to OUT/tensorboard for "
+                                "TensorBoard (pip install tensorboard)")
     log_every: int = setting(10, "progress line and metrics.jsonl every N steps (and a line at least every 30 s)",
                              type=at_least(1))
     max_bad_steps: int = setting(5, "stop after this many non-finite steps in a row", type=at_least(1))
@@ -181,7 +189,8 @@ SETTINGS = {f.name for f in dataclasses.fields(Settings)}
 # What a resumed run may change (out, model, vae: the run and its base at a new place); the rest comes from its
 # train_state.json.
 RESUME_MAY_CHANGE = ("out", "model", "vae", "steps", "save_every", "sample_every", "sample_prompts", "sample_size",
-                     "log_every", "workers", "device", "max_bad_steps", "resume", "overwrite", "compile")
+                     "log_every", "workers", "device", "max_bad_steps", "resume", "overwrite", "compile", "val_every",
+                     "tensorboard")
 T_BINS = 10  # the loss is also logged per timestep bin of 100 (as minRF does), to see where the model is still wrong
 
 
@@ -199,8 +208,9 @@ def train(args):
         log(f"train: the run in {s.out} is at step {done} of --steps {s.steps}: nothing to do (a larger --steps "
             "continues it)")
         return None, None
+    interrupts = Interrupts(log)   # in start-up a signal stops at once: nothing of this run is saved yet
     check_writable(s.out)
-    interrupts = Interrupts(log)
+    board = Board(s.out) if rank == 0 and s.tensorboard else None
 
     # ---- networks: the UNet trains, CLIP and the VAE are frozen; UNet and EMA start from the same (EMA) weights
     nets = starting_model(s, log)
@@ -228,10 +238,13 @@ def train(args):
     elif rank == 0 and os.path.exists(os.path.join(s.out, "train_state.json")):
         log(f"train: --overwrite: starting over in {s.out}, replacing its earlier run")
         Path(s.out, "metrics.jsonl").unlink(missing_ok=True)
+    if board:
+        board.start(step)
 
     abar = S.alphas_cumprod(S.betas(s.schedule == "zt")).to(device)   # float64, never fp16 (pitfall 8)
     snr = S.snr(abar)                                                 # of the *rescaled* schedule (pitfall 1)
     loader = make_loader(s, rank, world, cuda)
+    validation = Validation(make_loader(s, 0, 1, cuda, True)) if rank == 0 and (s.val_data or s.val_fraction) else None
     batches = loader.batches(start=position + 1)
     text_cache = {}
     global_batch = s.batch_size * world * s.grad_accum
@@ -250,6 +263,7 @@ def train(args):
             "--sample-every 0 skips them")
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=cuda and s.precision == "bf16")
     window, progress, saved, started, bad_run = Window(), Progress(s, step, log), step, step, 0
+    interrupts.where = "a training step"
     try:
         while step < s.steps and not interrupts.agreed(ddp, device):
             interrupts.unsaved = True
@@ -260,20 +274,11 @@ def train(args):
             for micro in range(s.grad_accum):
                 batch = next(batches)
                 position = batch["position"]
-                pixels = to_device(batch["pixels"], device)
-                H, W = pixels.shape[-2:]
-                shape = (3, H, W) if nets.vae is None else (4, H // 8, W // 8)
-                t, noise, ip_noise, xi, xi_masked = (None if a is None else to_device(a, device) for a in sample_noise(
-                    s.seed, step * s.grad_accum + micro, batch["index"], shape, s.inpaint))
-                x0 = nets.encode(pixels, xi)
-                context = encode_captions(nets, batch["captions"], text_cache, s.text_cache)
+                t, noise, ip_noise, x0, known, context = encode_batch(s, nets, batch, step * s.grad_accum + micro,
+                                                                      text_cache, device)
                 x_t, target, weight = recipe_inputs(x0, noise, ip_noise, t, abar, snr, s.prediction, s.min_snr_gamma,
                                                     s.ip_noise_gamma)
-                if s.inpaint:
-                    masked = nets.encode(to_device(batch["masked_pixels"], device), xi_masked)
-                    x_t = inpaint_input(x_t, to_device(batch["mask"], device), masked)
-                if cuda:
-                    x_t = x_t.contiguous(memory_format=torch.channels_last)
+                x_t = unet_input(x_t, known, cuda)
                 last = micro == s.grad_accum - 1
                 with autocast, (contextlib.nullcontext() if last or not ddp else net.no_sync()):
                     micro_loss, per_sample = S.weighted_mse(net(x_t, t, context), target, weight)   # in fp32
@@ -297,8 +302,7 @@ def train(args):
             if step % s.log_every == 0 or step == s.steps:
                 metrics = window.metrics(step, lr, skipped, global_batch, ddp, world, device if cuda else None)
                 if rank == 0:
-                    with open(os.path.join(s.out, "metrics.jsonl"), "a") as f:
-                        f.write(json.dumps(metrics) + "\n")
+                    record(s.out, metrics, board)
                 progress.line(step, metrics)
                 window = Window()
             else:
@@ -310,21 +314,33 @@ def train(args):
                                 f"gradient and were skipped ({skipped} in all). The weights from before them are saved "
                                 f"in {s.out}; lower --lr or check the data, then --resume.")
             if rank == 0 and (step % s.save_every == 0 or step == s.steps):   # saved before any sampling
-                saved = save(s, step, position, skipped, unet, ema, opt, nets)
+                with interrupts.during("a save"):
+                    saved = save(s, step, position, skipped, unet, ema, opt, nets)
                 interrupts.unsaved = False
+            if validation and (step % (s.val_every or s.save_every) == 0 or step == s.steps):
+                with interrupts.during("the validation pass"):
+                    validation(s, step, nets, unet, ema, abar, snr, autocast, log, board, interrupts.check)
             if rank == 0 and s.sample_every and not s.inpaint and (step % s.sample_every == 0 or step == s.steps):
-                sample_grid(s, step, ema, nets, log, stop=lambda: interrupts.signal)
+                with interrupts.during("a sample grid"):
+                    sample_grid(s, step, ema, nets, log, board, interrupts.check)
         if rank == 0 and saved != step:
-            save(s, step, position, skipped, unet, ema, opt, nets)
-        if interrupts.signal:
-            where = f"saved in {s.out}; --resume continues" if step > started else "before training: nothing new to save"
-            log(f"train: {signal.Signals(interrupts.signal).name}: stopped at step {step}, {where}")
-        else:
+            with interrupts.during("the last save"):
+                save(s, step, position, skipped, unet, ema, opt, nets)
+        if not interrupts.signal:
             log(f"train: step {step}: wrote {s.out}/model.safetensors, model_ema.safetensors and train_state.*")
             if rank == 0 and not s.model and not s.inpaint and s.sample_every:   # the demo: which captions it draws
-                print_demo_score(demo_score(model.SD(ema, None, nets.text_encoder, nets.tokenizer, nets.meta)))
+                with interrupts.during("the demo's score"):
+                    print_demo_score(demo_score(model.SD(ema, None, nets.text_encoder, nets.tokenizer, nets.meta),
+                                                stop=interrupts.check))
+        if interrupts.signal:
+            where = (f"saved in {s.out}" + ("; --resume continues" if step < s.steps else "") if step > started else
+                     "before training: nothing new to save")
+            log(f"train: {signal.Signals(interrupts.signal).name}: stopped at step {step}, {where} (signalled during "
+                f"{interrupts.at})")
     finally:
         batches.close()    # ends the loader's worker processes now: left to the exit, their join can hang for ever
+        if board:
+            board.writer.close()
         interrupts.restore()
         if ddp:
             torch.distributed.destroy_process_group()
@@ -357,7 +373,8 @@ def settings(args):
         values |= saved
         given = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}
     values |= given
-    values["data"], values["sample_prompts"] = tuple(values["data"]), tuple(values["sample_prompts"])
+    for key in ("data", "val_data", "sample_prompts"):
+        values[key] = tuple(values[key])
     values["sample_size"] = tuple(values["sample_size"])
     if not values["data"]:
         raise UserError("train: --model needs --data (an image folder or tar shards; repeatable)")
@@ -390,13 +407,22 @@ def check_writable(out):
         raise UserError(f"train: cannot write to --out {out} ({e.strerror}); choose a folder you can write") from None
 
 
+class Stopped(BaseException):
+    """A signal stopped the run where nothing is lost by stopping at once: start-up, a sample grid, the validation pass
+    or the demo's score. A BaseException, as KeyboardInterrupt is, so that no `except Exception` on the way swallows
+    it."""
+
+
 class Interrupts:
-    """SIGINT (Ctrl-C) and SIGTERM (what a scheduler sends) ask the run to stop after the current step, saved. A Ctrl-C
-    after either exits at once; the files on disk are whole either way, as every save is atomic. `unsaved`, kept by
-    the training loop, says whether the current step still has to be saved."""
+    """SIGINT (Ctrl-C) and SIGTERM (what a scheduler sends) ask the run to stop within seconds, with exit status 0:
+    during start-up at once (nothing is written yet); during a step after it, saved; during a save after it; during a
+    sample grid, the validation pass or the demo's score at the next denoising step or network call (check), abandoning
+    it (the step is saved first). A Ctrl-C after either signal exits at once; the files on disk are whole either way,
+    as every save is atomic. `where` is what the run is doing, `at` where the signal came; `unsaved`, kept by the
+    training loop, says whether the current step still has to be saved."""
 
     def __init__(self, log):
-        self.signal, self.log, self.unsaved = None, log, False
+        self.signal, self.log, self.where, self.at, self.unsaved = None, log, "start-up", None, False
         self.saved = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def handle(self, signum, frame):
@@ -407,9 +433,29 @@ class Interrupts:
             os._exit(130)
         if self.signal is not None:            # a repeated SIGTERM: already stopping
             return
-        self.signal = signal.Signals(signum)
+        self.signal, self.at = signal.Signals(signum), self.where
+        if self.where == "start-up":
+            self.restore()
+            raise Stopped(f"train: {self.signal.name}: stopped before training: nothing new to save (signalled during "
+                          "start-up)")
         doing = "after this step, saving it first" if self.unsaved else "with every finished step saved"
         print(f"train: {self.signal.name}: stopping {doing} (Ctrl-C quits at once{lost})", file=sys.stderr, flush=True)
+
+    def check(self):
+        """Raise Stopped once a signal came: called between the steps of work that may be abandoned."""
+        if self.signal is not None:
+            raise Stopped
+
+    @contextlib.contextmanager
+    def during(self, where):
+        """Mark what the run does, for the last line; a Stopped inside abandons it, and the loop then stops."""
+        self.where = where
+        try:
+            yield
+        except Stopped:
+            self.log(f"train: {where} abandoned", flush=True)
+        finally:
+            self.where = "a training step"
 
     def agreed(self, ddp, device):
         """Whether to stop: every rank stops at the same step when any one of them was signalled."""
@@ -417,7 +463,7 @@ class Interrupts:
             flag = torch.tensor(float(self.signal is not None), device=device)
             torch.distributed.all_reduce(flag)
             if flag.item() and self.signal is None:
-                self.signal = signal.SIGTERM
+                self.signal, self.at = signal.SIGTERM, "another rank's step"
         return self.signal is not None
 
     def restore(self):
@@ -488,14 +534,21 @@ def demo_model(seed=0, prediction="v", ztsnr=True, inpaint=False):
 
 # The settings data.Loader takes, the same for `train` and `zd.py data`.
 LOADER_SETTINGS = ("seed", "workers", "min_side", "min_aesthetic", "max_watermark", "max_unsafe", "drop_unscored",
-                   "bucket_area", "bucket_min", "bucket_max", "bucket_step", "caption_dropout", "flip", "random_crop")
+                   "bucket_area", "bucket_min", "bucket_max", "bucket_step", "caption_dropout", "flip", "random_crop",
+                   "val_fraction")
 
 
-def make_loader(s, rank, world, cuda):
-    """data.Loader with the run's data settings; its errors (no such folder, no usable image) name what to change."""
+def make_loader(s, rank, world, cuda, validation=False):
+    """data.Loader with the run's data settings, or its validation set (--val-data, or --val-fraction's share of
+    --data); its errors (no such folder, no usable image) name what to change."""
+    if s.val_data and s.val_fraction:
+        raise UserError("train: give --val-data (held-out images) or --val-fraction (a share of --data), not both")
+    if s.val_every and not (s.val_data or s.val_fraction):
+        raise UserError("train: --val-every needs a validation set: --val-data or --val-fraction")
+    sources = s.val_data if validation and s.val_data else s.data
     try:
-        return data.Loader(list(s.data), s.batch_size, rank=rank, world_size=world, pin_memory=cuda, inpaint=s.inpaint,
-                           **{k: getattr(s, k) for k in LOADER_SETTINGS})
+        return data.Loader(list(sources), s.batch_size, rank=rank, world_size=world, pin_memory=cuda,
+                           inpaint=s.inpaint, validation=validation, **{k: getattr(s, k) for k in LOADER_SETTINGS})
     except (FileNotFoundError, ValueError) as e:
         raise UserError(f"train: {e}") from None
 
@@ -522,6 +575,27 @@ def sample_noise(seed, micro_step, index, shape, inpaint=False):
         draws.append(torch.randn((4 if inpaint else 3, *shape), generator=g))
     draws = torch.stack(draws)                                   # [B, 3 or 4, *shape]
     return torch.stack(t), draws[:, 0], draws[:, 1], draws[:, 2], draws[:, 3] if inpaint else None
+
+
+def encode_batch(s, nets, batch, micro_step, text_cache, device):
+    """A batch's draws (sample_noise: t, ε, IP noise) and what the frozen networks make of it: the clean latents x0
+    (VAE, or the pixels in the demo), the inpainting UNet's extra input channels `known` ([mask, masked-image latent],
+    the mask nearest-downsampled; None without --inpaint) and the CLIP embeddings of the captions."""
+    pixels = to_device(batch["pixels"], device)
+    H, W = pixels.shape[-2:]
+    shape = (3, H, W) if nets.vae is None else (4, H // 8, W // 8)
+    t, noise, ip_noise, xi, xi_masked = (None if a is None else to_device(a, device) for a in sample_noise(
+        s.seed, micro_step, batch["index"], shape, s.inpaint))
+    x0, known = nets.encode(pixels, xi), None
+    if s.inpaint:   # the mask at image size and the masked image's latent, which inpaint_input puts after x_t
+        known = to_device(batch["mask"], device), nets.encode(to_device(batch["masked_pixels"], device), xi_masked)
+    return t, noise, ip_noise, x0, known, encode_captions(nets, batch["captions"], text_cache, s.text_cache)
+
+
+def unet_input(x_t, known, cuda):
+    """The UNet's input: x_t, with the inpainting channels after it (inpaint_input); channels-last on GPUs."""
+    x_t = x_t if known is None else inpaint_input(x_t, *known)
+    return x_t.contiguous(memory_format=torch.channels_last) if cuda else x_t
 
 
 def recipe_inputs(x0, noise, ip_noise, t, abar, snr, prediction="v", min_snr_gamma=5.0, ip_noise_gamma=0.1):
@@ -647,6 +721,95 @@ class Progress:
             self.say(step, "")
 
 
+def record(out, metrics, board):
+    """A line of metrics.jsonl, the run's record; with --tensorboard the same numbers in TensorBoard."""
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    if board:
+        board.scalars(metrics)
+
+
+class Board:
+    """--tensorboard: each metrics.jsonl line's numbers as scalars of its step (a dict of them, such as loss_by_t, as
+    KEY/NAME) and the sample grids as images, in OUT/tensorboard, so `tensorboard --logdir runs` shows runs side by
+    side. Made before the networks load, so a missing package is said at once; start(step) opens the writer."""
+
+    def __init__(self, out):
+        try:
+            from torch.utils.tensorboard import SummaryWriter   # optional: only --tensorboard needs the package
+        except ImportError:
+            raise UserError("train: --tensorboard needs the tensorboard package: pip install tensorboard") from None
+        self.folder, self.writer_class, self.writer = os.path.join(out, "tensorboard"), SummaryWriter, None
+
+    def start(self, step):
+        # purge_step: TensorBoard drops this folder's earlier points after `step`, the one the run starts from, so a
+        # resumed run continues its curves with no step twice (an interrupted run may have logged past its last save)
+        # and a run started over replaces them
+        self.writer = self.writer_class(self.folder, purge_step=step + 1, flush_secs=10)
+
+    def scalars(self, metrics):
+        for key, value in metrics.items():
+            for tag, v in (value.items() if isinstance(value, dict) else [(None, value)]):
+                if key != "step":
+                    self.writer.add_scalar(key if tag is None else f"{key}/{tag}", v, metrics["step"])
+
+    def image(self, path, step):
+        self.writer.add_image("samples", np.asarray(data.open_upright(path).convert("RGB")), step, dataformats="HWC")
+
+
+# Validation (README, Watching a run): every image at one timestep per bin of 100, the bin's last, so the noisiest is
+# t = 999, the pure-noise input that only the zero-terminal-SNR schedule trains on (Lin et al. 2023, §3).
+VAL_T = tuple(range(S.T // T_BINS - 1, S.T, S.T // T_BINS))   # 99, 199, …, 999
+VAL_STREAM = 2 ** 40   # sample_noise's micro-step of the validation draws: one no run reaches
+
+
+class Validation:
+    """The validation passes of a run on its validation set (make_loader(validation=True)); each says what share of
+    the run's time since the one before it took."""
+
+    def __init__(self, loader):
+        self.loader, self.last = loader, time.time()
+
+    def __call__(self, s, step, nets, unet, ema, abar, snr, autocast, log, board, stop):
+        metrics = validate(s, step, nets, unet, ema, self.loader, abar, snr, autocast, board, stop)
+        share, self.last = metrics["val_seconds"] / max(time.time() - self.last, 1e-9), time.time()
+        log(f"validation at step {step}: loss {metrics['val_loss']:.4f}, EMA {metrics['val_ema_loss']:.4f}; at t = 999 "
+            f"{metrics['val_loss_by_t']['999']:.4f}, EMA {metrics['val_ema_loss_by_t']['999']:.4f} "
+            f"({metrics['val_images']} images, {metrics['val_seconds']:.1f} s, {share:.0%} of the time since the last)",
+            flush=True)
+
+
+@torch.no_grad()
+def validate(s, step, nets, unet, ema, loader, abar, snr, autocast, board, stop):
+    """The validation loss of the UNet and the EMA on loader.fixed_batches(): each image at every t of VAL_T, with the
+    same ε, IP noise and VAE noise every time (sample_noise's draws for VAL_STREAM and the image's index), captions
+    kept; so the same weights give the same numbers, across runs and --resume. Logged as one metrics.jsonl line: per
+    t the plain MSE (as training's loss_by_t), and the min-SNR-weighted mean over the t's (a ten-point estimate of
+    training's loss, whose t is uniform). stop() is called before each network call."""
+    t0, device = time.time(), abar.device
+    mse, weighted, n = {"val": [0.0] * T_BINS, "val_ema": [0.0] * T_BINS}, {"val": 0.0, "val_ema": 0.0}, 0
+    for batch in loader.fixed_batches():
+        _, noise, ip_noise, x0, known, context = encode_batch(s, nets, batch, VAL_STREAM, {}, device)
+        for b, t in enumerate(VAL_T):
+            t = torch.full((len(x0),), t, device=device)
+            x_t, target, weight = recipe_inputs(x0, noise, ip_noise, t, abar, snr, s.prediction, s.min_snr_gamma,
+                                                s.ip_noise_gamma)
+            x_t = unet_input(x_t, known, device.type == "cuda")
+            for name, net in (("val", unet), ("val_ema", ema)):
+                stop()
+                with autocast:
+                    loss, per_sample = S.weighted_mse(net(x_t, t, context), target, weight)
+                mse[name][b] += per_sample.sum().item()
+                weighted[name] += loss.item() * len(x0)
+        n += len(x0)
+    metrics = dict(step=step, val_images=n, val_seconds=time.time() - t0)
+    for name in mse:
+        metrics[f"{name}_loss"] = weighted[name] / (n * T_BINS)
+        metrics[f"{name}_loss_by_t"] = {str(t): m / n for t, m in zip(VAL_T, mse[name])}
+    record(s.out, metrics, board)
+    return metrics
+
+
 def grid_seconds(unet, s):
     """How long one sample grid takes, from one timed UNet call on the grid's latent size (with CFG's pair)."""
     w, h = s.sample_size
@@ -702,28 +865,29 @@ def load_state(out, unet, ema, opt):
     return meta["step"], meta["position"], meta["counters"]["skipped"]
 
 
-def sample_grid(s, step, ema, nets, log, stop):
+def sample_grid(s, step, ema, nets, log, board, stop):
     """EMA samples of the fixed prompts, a row of four per prompt from the same four noises (out/samples/
-    step_NNNNNN/grid.png), saying how far it got; stop() between prompts abandons it (the step is saved already)."""
+    step_NNNNNN/grid.png, and in TensorBoard with a board), saying how far it got; stop() is called before each
+    denoising step, and may abandon the grid by raising (the step is saved already)."""
     w, h = s.sample_size
     ema_nets = model.SD(ema, nets.vae, nets.text_encoder, nets.tokenizer,
                       dict(nets.meta, prediction=s.prediction, ztsnr=s.schedule == "zt"))
     images = []
     for i, prompt in enumerate(s.sample_prompts):
-        if stop():
-            return
         images.append(generate(ema_nets, [prompt] * 4, steps=25, guidance=7.5 if nets.vae is not None else DEMO_CFG,
-                               seed=0, width=w, height=h, progress=False))
+                               seed=0, width=w, height=h, progress=False, stop=stop))
         log(f"train: sample grid at step {step}: {4 * (i + 1)}/{4 * len(s.sample_prompts)} images", flush=True)
-    data.save_png(torch.cat(images), os.path.join(s.out, "samples", f"step_{step:06d}"), cols=4)
+    grid = data.save_png(torch.cat(images), os.path.join(s.out, "samples", f"step_{step:06d}"), cols=4)[-1]
+    if board:
+        board.image(grid, step)
 
 
-def demo_score(nets, prompts=DEMO_PROMPTS, n=8, seed=0):
+def demo_score(nets, prompts=DEMO_PROMPTS, n=8, seed=0, stop=None):
     """How much of its vocabulary the demo model draws: data.demo_judge of the samples of `zd.py sample --prompt P
     --n 8 --seed 0` (16×16, 25 trailing DDIM steps, CFG 3, rescale 0.7) of each prompt. Rows (prompt, colours wanted,
-    got, samples right, passed)."""
+    got, samples right, passed). stop: as generate's."""
     return [(p, *data.demo_judge(p, generate(nets, [p] * n, steps=25, guidance=DEMO_CFG, seed=seed, width=16,
-                                             height=16, progress=False))) for p in prompts]
+                                             height=16, progress=False, stop=stop))) for p in prompts]
 
 
 def print_demo_score(rows, n=8, label="the EMA model"):
@@ -785,7 +949,7 @@ def ddim(denoise, x, timesteps, abar, prediction):
 @torch.no_grad()
 def generate(nets, prompts, *, negative="", steps=25, guidance=7.5, rescale=0.7, seed=0, width=512, height=512,
              prediction=None, zero_terminal_snr=None, image=None, mask=None, strength=None,
-             device=None, dtype=None, progress=True):
+             device=None, dtype=None, progress=True, stop=None):
     """Images for a list of prompts (one image each; repeat a prompt for several), uint8 [N, H, W, 3]: `ddim` on
     `steps` trailing timesteps with classifier-free guidance `guidance` rescaled by φ = `rescale`, on the schedule and
     parameterisation the checkpoint is marked with (`sampling_schedule`).
@@ -798,7 +962,8 @@ def generate(nets, prompts, *, negative="", steps=25, guidance=7.5, rescale=0.7,
     (white = repaint; default strength 1.0). Posterior samples of the VAE are drawn from the same generator after
     the noise, as diffusers' inpainting pipeline does (its img2img pipeline draws the image's sample first, so img2img
     runs agree with it in the step list and the formula, not in the draw). `nets`' modules are used on their own
-    device and dtype; `device`/`dtype` move them there first."""
+    device and dtype; `device`/`dtype` move them there first. `stop`: called before each UNet call, it may end the
+    sampling by raising (train's sample grids, on a signal)."""
     pred, zt = sampling_schedule(nets.meta, prediction, zero_terminal_snr)
     if device is not None or dtype is not None:
         for m in (nets.unet, nets.vae, nets.text_encoder):
@@ -853,6 +1018,8 @@ def generate(nets, prompts, *, negative="", steps=25, guidance=7.5, rescale=0.7,
 
     def denoise(x, t):   # the UNet's output at t: on [uncond; cond], guided and rescaled (Lin et al. 2023, Alg. 2)
         nonlocal last
+        if stop:
+            stop()       # raises to abandon the sampling between two steps (train's Interrupts.check)
         x_in = x if known is None else inpaint_input(x, *known)
         x_in = torch.cat([x_in, x_in]) if guided else x_in
         out = nets.unet(model.to_net(nets.unet, x_in), torch.full((len(x_in),), t, device=x.device),
@@ -1438,6 +1605,8 @@ def main(argv=None):
     except KeyboardInterrupt:                             # `train` handles its own: it saves first
         print(f"zd.py {args.command}: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Stopped as e:                                  # `train` signalled in start-up: nothing to save, status 0
+        print(e, file=sys.stderr)
     except BrokenPipeError:   # `zd.py schedule --csv | head`: the reader has gone; say nothing more (Python docs' recipe)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
