@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import json
 import math
+import textwrap
 import traceback
 
 import torch
@@ -639,3 +640,61 @@ class ZdAdapter:
         optimiser step, 1 = the first. Return the EMA after one update, in the dtype your trainer stores it."""
         raise NotImplementedError
 '''
+
+
+def table(spec, obj, rows, schedule, how):
+    """check()'s rows as the table `zd.py check` prints for the adapter `obj` given as `spec`: a header with the
+    schedule and how it was chosen, a line per row (verdict, largest errors, tolerance) and under it the worst and first
+    differences, guard values, one-sided NaNs, notes and tracebacks; then the members not provided and what each named
+    mistake does."""
+    lines = []
+    say = lines.append
+    what = "zero terminal SNR (the recipe)" if schedule == "zt" else "SD1.5's own, as shipped"
+    say(f"{spec}: {sum(r['verdict'] in ('ok', 'absent') for r in rows)} of {len(rows)} quantities ok; schedule "
+        f"{what}: {how}")
+    if schedule == "sd15":
+        say(textwrap.fill(ZT_WOULD_CHANGE, 120, initial_indent="  ", subsequent_indent="    "))
+    say(f"  {'quantity':<23} {'dtype':<8} {'max |Δ|':>8} {'max rel':>8}  {'rtol, atol':<14} verdict")
+    for r in rows:
+        num = lambda k: f"{r[k]:8.1e}" if k in r else " " * 8
+        over = lambda x: f"{x:.2f}" if x < 10 else f"{x:.3g}"
+        tol = "{:.2g}, {:.2g}".format(*r["tolerance"]) if "tolerance" in r else ""
+        verdict = {"mistake": f"matches known mistake{'s' * (len(r.get('mistakes', [])) > 1)} {r.get('mistake')}",
+                   "absent": "not in this trainer"}.get(r["verdict"], r["verdict"])
+        verdict += "".join(f" (or {a})" for a in r.get("alternatives", []))
+        say(f"  {r['quantity']:<23} {r.get('dtype', ''):<8} {num('max_abs')} {num('max_rel')}  {tol:<14} "
+            + verdict + (f" ({r['theirs']})" if "theirs" in r else ""))
+        for g in r.get("guard", []):
+            label = next(f"{k} = {x}" for k, x in g.items() if k != "theirs")
+            say(f"  {'':<23} guarded: theirs {g['theirs']:.7g} at {label}, where the mistake's formula is 0/0")
+        for key in ("worst", "first") if r.get("first") else ():
+            f = r[key]
+            at = (f" at {f['index']}" if f["index"] else "") + "".join(f", {k} = {f[k]}" for k in ("t", "step")
+                                                                       if k in f)
+            say(f"  {'':<23} {key} difference{at}: zd {f['zd']:.7g}, theirs {f['theirs']:.7g}"
+                + (f" ({over(f['over_tolerance'])}× the tolerance)" if any(r["tolerance"]) else ""))
+            if r["worst"]["index"] == r["first"]["index"]:
+                break
+        if r.get("nan"):
+            say(f"  {'':<23} NaN on one side only: " + ", ".join(
+                f"{n['side']} at " + next((f"{k} = {n[k]}" for k in ("t", "step") if k in n), str(n["index"]))
+                for n in r["nan"]))
+        if r.get("note"):
+            say(f"  {'':<23} {r['note']}")
+        if r.get("traceback"):
+            say(textwrap.indent(r["traceback"].rstrip(), "  " + " " * 24))
+    say("  not provided: " + (", ".join(m for m in PROTOCOL if not hasattr(obj, m)) or "—"))
+    for id in dict.fromkeys(i for r in rows for i in r.get("mistakes", [])):
+        say(textwrap.fill(f"{id}: {MISTAKES[id]}", 120, initial_indent="  ", subsequent_indent="    "))
+    return "\n".join(lines)
+
+
+def finite(x):
+    """x with every NaN and infinity replaced by None, so that json.dumps writes strict JSON (null)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: finite(y) for k, y in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite(y) for y in x]
+    return x
