@@ -464,6 +464,37 @@ def measure_throughput(folder, workers=2, n=200, batch_size=8, min_side=1024):
     return count / (time.perf_counter() - t0)
 
 
+def cache_speedup(folder, n=24, side=512, batch=2, steps=6, rounds=2, workers=2):
+    """`zd.py train` samples/s from JPEGs and from a latent cache of them (`zd.py cache`), alternating runs in this
+    process, on SD1.5's structure at about a quarter width (UNet 96 channels, 0.09 of SD1.5's FLOPs and parameters;
+    VAE 32, 1/16 of its FLOPs: the VAE's share of a step is a little below SD1.5's, so the speed-up is too) at one
+    side² bucket, from n photo-like JPEGs of 1024–1536 px. The rate of a run is the median of its steps after the first. Reproduces the
+    README's ratio (python bench.py --cache DIR)."""
+    images, ckpt, cache = (os.path.join(folder, f) for f in ("images", "sd.safetensors", "cache"))
+    if not os.path.isdir(images):
+        write_bench_jpegs(images, n)
+    torch.manual_seed(0)
+    model.save(ckpt, model.UNet(model.UNetConfig(model_channels=96, context_dim=64)),
+               model.CLIPTextModel(model.CLIPConfig.tiny()), model.VAE(model.VAEConfig(ch=32)))
+    shape = ["--min-side", "0", "--bucket-area", str(side * side), "--bucket-min", str(side), "--bucket-max",
+             str(side), "--bucket-step", "64", "--workers", str(workers), "--batch-size", str(batch)]
+    zd.main(["cache", "--model", ckpt, "--data", images, "--out", cache, *shape])
+    rates = {"jpeg": [], "cache": []}
+    for r in range(rounds):
+        for name, src in (("jpeg", images), ("cache", cache)):
+            out = os.path.join(folder, f"run_{name}_{r}")
+            zd.main(["train", "--model", ckpt, "--data", src, "--out", out, *shape, "--steps", str(steps),
+                     "--sample-every", "0", "--log-every", "1", "--text-cache", "0"])
+            with open(os.path.join(out, "metrics.jsonl")) as f:
+                rates[name].append(statistics.median(json.loads(line)["samples_s"] for line in list(f)[1:]))
+    parts = os.path.join(cache, data.CACHE_PARTS)
+    size = sum(os.path.getsize(os.path.join(parts, p)) for p in os.listdir(parts))
+    result = dict(jpeg=statistics.median(rates["jpeg"]), cache=statistics.median(rates["cache"]), rates=rates,
+                  bytes_per_image=size / n, side=side, batch=batch)
+    result["ratio"] = result["cache"] / result["jpeg"]
+    return result
+
+
 def write_scan_folder(folder, n=10000, seed=0, scale=1):
     """n demo images (data.demo_sample) enlarged `scale` times as JPEGs, 1000 to a sub-folder, each with its caption in a
     .txt and a .json as img2dataset writes it: the original size (16 times the demo's, 1024–1536 px) and LAION-style
@@ -501,7 +532,13 @@ def main(argv=None):
                    "instead of 5 steps at 256²; always on GPU")
     p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, for the fraction of peak "
                    "(default: looked up for H100/H200/A100)")
-    bench(p.parse_args(argv))
+    p.add_argument("--cache", metavar="DIR", help="instead: zd.py train's samples/s from JPEGs vs from a latent cache "
+                   "of them, side by side on the CPU (cache_speedup), working in DIR")
+    args = p.parse_args(argv)
+    if args.cache:
+        print(json.dumps(cache_speedup(args.cache), indent=1))
+        return
+    bench(args)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,12 @@ Sources
   shards   img2dataset / WebDataset tars (00000.tar holding key.jpg|png|webp, key.txt, key.json), given as paths or
            globs and read as a stream (tarfile "r|"), never unpacked.
   "demo"   DemoSource: plain colours and simple shapes drawn from a seed, for `zd.py train` with no data.
+  cache    a latent cache that `zd.py cache` made of folders or shards: CACHE/zd_cache.json (the manifest, written
+           last) and CACHE/parts/NNNNN.safetensors, each part holding the VAE posterior's mean and std of its images'
+           bucket crops (KEY.mean, KEY.std; with flip also KEY.mean_flip, KEY.std_flip) and, in its header, their
+           keys, names, captions and sizes. A cache of folders keeps the scan's index order, CACHE_PART_IMAGES images
+           a part; a cache of shards has a part per shard with each sample's ordinal in it, so batches, indices and
+           every seeded draw are those of the images (CacheStream). It stands alone, like shards.
 
 Filters (folders and shards) are decided from a sample's image header and json, never by decoding pixels. A dropped
 sample is counted once, under the first test it fails, in this order:

@@ -829,11 +829,12 @@ def measure_rounding(error, name, exact, stored):
 
 
 def finish_cache(out, paths, made_by, layout, loader, log):
-    """Once every part exists (under torchrun, the rank that finishes last sees them all), write the manifest from the
-    parts' headers, and say what storing in fp16/bf16 cost against fp32."""
+    """Once every part exists (under torchrun, the rank that finishes last sees them all, and says so whatever its
+    rank), write the manifest from the parts' headers, and say what storing in fp16/bf16 cost against fp32."""
     if not all(os.path.exists(p) for p in paths):
         log("cache: this rank's parts are written; the last rank to finish writes the manifest")
         return
+    log = print
     images, counts, error = 0, data.new_stats(), Counter()
     for p in paths:
         part = data.read_part(p)
