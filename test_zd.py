@@ -2768,6 +2768,7 @@ def test_latent_cache_resumes_and_refuses_in_one_line(tmp_path, monkeypatch, cap
     sd["first_stage_model.quant_conv.bias"] = sd["first_stage_model.quant_conv.bias"] + 1e-3
     save_file(sd, other)
     assert "was made by another VAE" in _refused(capsys, *train[:2], other, *train[3:], "--data", out)
+    assert "is a latent cache: train from it with --model" in _refused(capsys, *train[:1], *train[3:], "--data", out)
     assert "(--flip: cache False, run True)" in _refused(capsys, *train, "--data", out, "--flip")
     assert "(--bucket-area: cache 8192, run 4096)" in _refused(capsys, *train, "--data", out, "--bucket-area", 4096)
     assert "--random-crop draws a new crop" in _refused(capsys, *train, "--data", out, "--random-crop")

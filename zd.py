@@ -221,9 +221,9 @@ def train(args):
 
     abar = S.alphas_cumprod(S.betas(s.schedule == "zt")).to(device)   # float64, never fp16 (pitfall 8)
     snr = S.snr(abar)                                                 # of the *rescaled* schedule (pitfall 1)
-    loader = make_loader(s, rank, world, cuda)
     if cached:
-        check_cache_vae(loader.cache, nets.vae, s.data[0])
+        check_cache_vae(s.data[0], nets.vae)
+    loader = make_loader(s, rank, world, cuda)
     batches = loader.batches(start=position + 1)
     text_cache = {}
     global_batch = s.batch_size * world * s.grad_accum
@@ -445,14 +445,17 @@ def make_loader(s, rank, world, cuda):
         raise UserError(f"train: {e}") from None
 
 
-def check_cache_vae(manifest, vae, path):
-    """Refuse a latent cache that another VAE made: its moments would not be this checkpoint's."""
+def check_cache_vae(path, vae):
+    """Refuse a latent cache that another VAE made (its moments would not be this checkpoint's), or an unfinished one."""
     if vae is None:
         raise UserError(f"train: {path} is a latent cache: train from it with --model, the checkpoint whose VAE made it")
-    if model.weights_hash(vae) != manifest["made_by"]["vae"]:
-        raise UserError(f"train: {path} was made by another VAE (weights {manifest['made_by']['vae'][:12]}, this "
-                        f"checkpoint's {model.weights_hash(vae)[:12]}): train with the checkpoint (or --vae) that made "
-                        "it, or make a cache with this one")
+    try:
+        made_by = data.read_cache(path)["made_by"]
+    except ValueError as e:
+        raise UserError(f"train: {e}") from None
+    if (ours := model.weights_hash(vae)) != made_by["vae"]:
+        raise UserError(f"train: {path} was made by another VAE (weights {made_by['vae'][:12]}, this checkpoint's "
+                        f"{ours[:12]}): train with the checkpoint (or --vae) that made it, or make a cache with this one")
 
 
 def get_lr(step, lr, warmup, steps, schedule="constant"):
@@ -772,8 +775,8 @@ def _cache(args, rank, world, device, log):
         raise UserError(f"cache: {args.out} holds a cache made by other settings, data or VAE: choose another --out, "
                         "or delete it")
     todo = [(p, path) for p, path in enumerate(paths) if p % world == rank and not os.path.exists(path)]
-    log(f"cache: {plural_parts(n_parts)} of {layout} → {args.out}; {n_parts - len(todo) if world == 1 else 'some'} "
-        f"written before; VAE {made_by['vae'][:12]} on {device}, {args.dtype}")
+    log(f"cache: {data.plural(n_parts, 'part')} of {layout} → {args.out}, {sum(map(os.path.exists, paths))} written "
+        f"before; VAE {made_by['vae'][:12]} on {device}, {args.dtype}")
     stop = CacheInterrupts()
     dtype = data.CACHE_DTYPES[args.dtype]
     pending, written, images, t0, last = {}, 0, 0, time.time(), time.time()
@@ -814,10 +817,6 @@ def _cache(args, rank, world, device, log):
     finally:
         stop.restore()
     finish_cache(args.out, paths, made_by, layout, loader, log)
-
-
-def plural_parts(n):
-    return f"{n} part{'s' if n != 1 else ''}"
 
 
 def measure_rounding(error, name, exact, stored):
