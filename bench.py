@@ -468,8 +468,8 @@ def cache_speedup(folder, n=24, side=512, batch=2, steps=6, rounds=2, workers=2)
     """`zd.py train` samples/s from JPEGs and from a latent cache of them (`zd.py cache`), alternating runs in this
     process, on SD1.5's structure at about a quarter width (UNet 96 channels, 0.09 of SD1.5's FLOPs and parameters;
     VAE 32, 1/16 of its FLOPs: the VAE's share of a step is a little below SD1.5's, so the speed-up is too) at one
-    side² bucket, from n photo-like JPEGs of 1024–1536 px. The rate of a run is the median of its steps after the first. Reproduces the
-    README's ratio (python bench.py --cache DIR)."""
+    side² bucket, from n photo-like JPEGs of 1024–1536 px. The rate of a run is the median of its steps after the
+    first. Reproduces the README's ratio (python bench.py --cache DIR)."""
     images, ckpt, cache = (os.path.join(folder, f) for f in ("images", "sd.safetensors", "cache"))
     if not os.path.isdir(images):
         write_bench_jpegs(images, n)

@@ -971,8 +971,9 @@ class CacheBuild(torch.utils.data.IterableDataset):
                     except BadImage as e:
                         rows.append([key, item.name, item.caption, item.w, item.h, [e.reason, e.detail]])
                 last = c == len(chunks) - 1 or not chunks
+                counts = {k: dict(n) if isinstance(n, dict) else n for k, n in counts.items()} if last else None
                 yield dict(part=p, path=path, rows=rows, pixels=torch.stack(pixels) if pixels else None, last=last,
-                           counts={k: dict(n) if isinstance(n, dict) else n for k, n in counts.items()} if last else None)
+                           counts=counts)
 
 
 class CacheStream(ShardStream):
@@ -1001,13 +1002,13 @@ class Loader:
       pixels [B, 3, H, W] float32 in [−1, 1]; captions list[str] after dropout; dropped bool [B]; index int64 [B]
       (global sample index); epoch, position (ints; resume with start = position + 1); with inpaint=True also
       mask [B, 1, H, W] in {0, 1} (1 = repaint) and masked_pixels [B, 3, H, W].
-    From a latent cache (`zd.py cache`) the batches hold mean and std [B, 4, H/8, W/8] float32 instead of pixels, with
-    the same order, indices, dropout and flips as from the images the cache was made of.
+    From a latent cache (`zd.py cache`) the batches hold mean and std [B, 4, H/8, W/8] float32 instead of pixels,
+    with the same order, indices, dropout and flips as from the images the cache was made of.
     sources: folder paths, shard paths/globs (*.tar), "demo" or DemoSource objects, or one latent cache; folders and
-    demo mix, shards and a cache stand alone. min_side and the score filters (min_aesthetic, max_watermark, max_unsafe, drop_unscored) are those of
-    the module docstring. stats counts as new_stats() does and, for folders, dropped_incomplete_per_epoch; scan is the
-    folder scan's info (scan_folder), batches_per_epoch the epoch length in global batches (None for shards); cache
-    the cache's manifest (read_cache), else None."""
+    demo mix, shards and a cache stand alone. min_side and the score filters (min_aesthetic, max_watermark,
+    max_unsafe, drop_unscored) are those of the module docstring. stats counts as new_stats() does and, for folders,
+    dropped_incomplete_per_epoch; scan is the folder scan's info (scan_folder), batches_per_epoch the epoch length in
+    global batches (None for shards); cache the cache's manifest (read_cache), else None."""
 
     def __init__(self, sources, batch_size, *, seed=0, rank=0, world_size=1, workers=2, min_side=1024,
                  min_aesthetic=None, max_watermark=None, max_unsafe=None, drop_unscored=False,
@@ -1124,8 +1125,9 @@ class Loader:
     def batches(self, start=0):
         """Endless batches from global batch position `start` (see the class docstring)."""
         if self.shards is not None:
-            dataset = (CacheStream if self.cache else ShardStream)(self.shards, self.buckets, self.batch_size, self.rank,
-                                                                   self.world_size, self.filters, self.opts, start)
+            stream = CacheStream if self.cache else ShardStream
+            dataset = stream(self.shards, self.buckets, self.batch_size, self.rank, self.world_size, self.filters,
+                             self.opts, start)
             sampler = None
         else:
             dataset, sampler = self.dataset, itertools.count(start)

@@ -446,16 +446,19 @@ def make_loader(s, rank, world, cuda):
 
 
 def check_cache_vae(path, vae):
-    """Refuse a latent cache that another VAE made (its moments would not be this checkpoint's), or an unfinished one."""
+    """Refuse a latent cache that another VAE made (its moments would not be this checkpoint's), or an unfinished
+    one."""
     if vae is None:
-        raise UserError(f"train: {path} is a latent cache: train from it with --model, the checkpoint whose VAE made it")
+        raise UserError(f"train: {path} is a latent cache: train from it with --model, the checkpoint whose VAE made "
+                        "it")
     try:
         made_by = data.read_cache(path)["made_by"]
     except ValueError as e:
         raise UserError(f"train: {e}") from None
     if (ours := model.weights_hash(vae)) != made_by["vae"]:
         raise UserError(f"train: {path} was made by another VAE (weights {made_by['vae'][:12]}, this checkpoint's "
-                        f"{ours[:12]}): train with the checkpoint (or --vae) that made it, or make a cache with this one")
+                        f"{ours[:12]}): train with the checkpoint (or --vae) that made it, or make a cache with this "
+                        "one")
 
 
 def get_lr(step, lr, warmup, steps, schedule="constant"):
@@ -768,7 +771,8 @@ def _cache(args, rank, world, device, log):
     try:
         os.makedirs(os.path.join(args.out, data.CACHE_PARTS), exist_ok=True)
     except OSError as e:
-        raise UserError(f"cache: cannot write to --out {args.out} ({e.strerror}); choose a folder you can write") from None
+        raise UserError(f"cache: cannot write to --out {args.out} ({e.strerror}); choose a folder you can "
+                        "write") from None
     foreign = [p for p in paths if os.path.exists(p) and data.read_part(p)["made_by"] != made_by]
     if foreign or os.path.exists(os.path.join(args.out, data.CACHE_MANIFEST)) and \
             data.read_cache(args.out)["made_by"] != made_by:
@@ -862,7 +866,8 @@ def finish_cache(out, paths, made_by, layout, loader, log):
 
 
 class CacheInterrupts:
-    """SIGINT and SIGTERM stop the cache between batches: the parts written are whole, the one in progress is dropped."""
+    """SIGINT and SIGTERM stop the cache between batches: the parts written are whole, the one in progress is
+    dropped."""
 
     def __init__(self):
         self.signal = None
