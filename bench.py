@@ -464,7 +464,7 @@ def measure_throughput(folder, workers=2, n=200, batch_size=8, min_side=1024):
     return count / (time.perf_counter() - t0)
 
 
-def cache_speedup(folder, n=24, side=512, batch=2, steps=6, rounds=2, workers=2):
+def cache_speedup(folder, n=16, side=256, batch=2, steps=5, rounds=2, workers=2):
     """`zd.py train` samples/s from JPEGs and from a latent cache of them (`zd.py cache`), alternating runs in this
     process, on SD1.5's structure at about a quarter width (UNet 96 channels, 0.09 of SD1.5's FLOPs and parameters;
     VAE 32, 1/16 of its FLOPs: the VAE's share of a step is a little below SD1.5's, so the speed-up is too) at one
@@ -487,10 +487,9 @@ def cache_speedup(folder, n=24, side=512, batch=2, steps=6, rounds=2, workers=2)
                      "--sample-every", "0", "--log-every", "1", "--text-cache", "0"])
             with open(os.path.join(out, "metrics.jsonl")) as f:
                 rates[name].append(statistics.median(json.loads(line)["samples_s"] for line in list(f)[1:]))
-    parts = os.path.join(cache, data.CACHE_PARTS)
-    size = sum(os.path.getsize(os.path.join(parts, p)) for p in os.listdir(parts))
+    held = data.describe_cache(cache)
     result = dict(jpeg=statistics.median(rates["jpeg"]), cache=statistics.median(rates["cache"]), rates=rates,
-                  bytes_per_image=size / n, side=side, batch=batch)
+                  bytes_per_image=held["bytes_per_image"], side=side, batch=batch)
     result["ratio"] = result["cache"] / result["jpeg"]
     return result
 
