@@ -222,7 +222,7 @@ def train(args):
     abar = S.alphas_cumprod(S.betas(s.schedule == "zt")).to(device)   # float64, never fp16 (pitfall 8)
     snr = S.snr(abar)                                                 # of the *rescaled* schedule (pitfall 1)
     if cached:
-        check_cache_vae(s.data[0], nets.vae)
+        check_cache_vae(next(filter(data.is_cache, s.data)), nets.vae)
     loader = make_loader(s, rank, world, cuda)
     batches = loader.batches(start=position + 1)
     text_cache = {}
