@@ -971,9 +971,9 @@ class CacheBuild(torch.utils.data.IterableDataset):
                     except BadImage as e:
                         rows.append([key, item.name, item.caption, item.w, item.h, [e.reason, e.detail]])
                 last = c == len(chunks) - 1 or not chunks
-                counts = {k: dict(n) if isinstance(n, dict) else n for k, n in counts.items()} if last else None
+                tally = {k: dict(n) if isinstance(n, dict) else n for k, n in counts.items()} if last else None
                 yield dict(part=p, path=path, rows=rows, pixels=torch.stack(pixels) if pixels else None, last=last,
-                           counts=counts)
+                           counts=tally)
 
 
 class CacheStream(ShardStream):
