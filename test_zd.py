@@ -755,7 +755,7 @@ def test_schedule_cli(capsys):
 def test_cli_help_lists_every_subcommand():
     out = subprocess.run([sys.executable, "zd.py", "--help"], cwd=HERE, capture_output=True, text=True, check=True).stdout
     commands = [c for c in ("schedule", "vectors", "check", "convert", "merge", "inspect", "train", "sample", "demo",
-                            "data")
+                            "data", "cache")
                 if f"    {c} " in out]
     assert {"schedule", "vectors", "check"} <= set(commands)
     for c in commands:

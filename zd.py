@@ -1336,6 +1336,7 @@ to zero terminal SNR, min-SNR-γ loss weights, input-perturbation noise, aspect 
 
     python zd.py train --model v1-5-pruned-emaonly.safetensors --data /data/laion-1024 --out runs/zd
     torchrun --nproc_per_node 8 zd.py train --model ... --data '/data/shards/*.tar' ...
+    python zd.py train --model ... --data /data/zd_cache ...     # a latent cache from `zd.py cache`: no VAE per step
 
 With no --model it runs the built-in demo on the CPU in minutes: a small UNet trained from scratch in pixel space on
 procedural images of plain colours and shapes, a tiny frozen random CLIP encoding the captions, through the same recipe
