@@ -1,5 +1,6 @@
-"""data.py — files → buckets → batches of pixels, captions and inpainting masks for `zd.py train`; also the images in
-and out of `zd.py sample` (image_tensor, mask_tensor, save_png) and the judge of the demo's samples (demo_judge).
+"""data.py — files → buckets → batches of pixels (or cached latents), captions and inpainting masks for `zd.py train`;
+also the images in and out of `zd.py sample` (image_tensor, mask_tensor, save_png) and the judge of the demo's samples
+(demo_judge).
 
 Sources
   folder   a directory, searched recursively for .jpg .jpeg .png .webp .bmp. The caption of a/b.jpg is a/b.txt,
@@ -68,6 +69,8 @@ from collections import Counter, namedtuple
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SHARD_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -851,7 +854,6 @@ def read_part(path):
     """A part's header: made_by; samples, [key, name, caption, w, h, error] rows in the order of the data (a folder's
     index order, a shard's member order); counts, a shard's scan counts (new_stats form); error, what storing in
     fp16/bf16 cost (zd.py's measure_rounding)."""
-    from safetensors import safe_open
     with safe_open(path, "pt") as f:
         return json.loads(f.metadata()["zd_cache_part"])
 
@@ -859,7 +861,6 @@ def read_part(path):
 def write_part(path, tensors, made_by, samples, counts=None, error=None):
     """Write a part whole or not at all: a temporary file of its own name, renamed. An OSError (a full disk) leaves
     nothing behind and is raised."""
-    from safetensors.torch import save_file
     meta = json.dumps(dict(made_by=made_by, samples=samples, counts=counts, error=error), separators=(",", ":"))
     _write_whole(path, lambda tmp: save_file(tensors, tmp, metadata={"zd_cache_part": meta}))
 
@@ -885,7 +886,6 @@ def _write_whole(path, write):
 def _open_part(path, _open={}):
     """The part's safetensors file, opened once per process (the loader's workers each keep their own)."""
     if path not in _open:
-        from safetensors import safe_open
         if len(_open) >= 64:
             _open.clear()
         _open[path] = safe_open(path, "pt")

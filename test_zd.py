@@ -2744,20 +2744,19 @@ def test_latent_cache_resumes_and_refuses_in_one_line(tmp_path, monkeypatch, cap
     train = ["train", "--model", ckpt, "--out", tmp_path / "run", *CACHE_BUCKETS, *TINY_TRAIN, "--steps", "1"]
     assert "unfinished latent cache" in _refused(capsys, *train, "--data", out)
 
-    import safetensors.torch
-    save_file, calls = safetensors.torch.save_file, []
+    write, calls = data.save_file, []
 
     def full_disk(tensors, path, metadata=None):       # the third part finds the disk full halfway through
         calls.append(path)
-        save_file(tensors, path, metadata)
+        write(tensors, path, metadata)
         if len(calls) == 3:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    monkeypatch.setattr(data, "save_file", full_disk)
     err = _refused(capsys, "cache", "--model", ckpt, "--data", src, "--out", out, "--workers", "0", *CACHE_BUCKETS)
     assert "No space left on device" in err and "the 2 parts written before it are whole" in err
     assert sorted(os.listdir(out / "parts")) == ["00000.safetensors", "00001.safetensors"]
     assert not (out / data.CACHE_MANIFEST).exists()
-    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    monkeypatch.setattr(data, "save_file", write)
     first = (out / "parts" / "00000.safetensors").read_bytes()
     _cache(ckpt, src, out)
     assert "2 written before" in capsys.readouterr().out and (out / data.CACHE_MANIFEST).exists()
@@ -2772,6 +2771,7 @@ def test_latent_cache_resumes_and_refuses_in_one_line(tmp_path, monkeypatch, cap
     assert "(--flip: cache False, run True)" in _refused(capsys, *train, "--data", out, "--flip")
     assert "(--bucket-area: cache 8192, run 4096)" in _refused(capsys, *train, "--data", out, "--bucket-area", 4096)
     assert "--random-crop draws a new crop" in _refused(capsys, *train, "--data", out, "--random-crop")
+    assert "inpainting draws a new mask every epoch" in _refused(capsys, *train, "--data", out, "--inpaint")
     assert "--random-crop draws a new crop" in _refused(capsys, "cache", "--model", ckpt, "--data", src, "--out",
                                                         tmp_path / "c2", *CACHE_BUCKETS, "--random-crop")
     assert "made by other settings" in _refused(capsys, "cache", "--model", ckpt, "--data", src, "--out", out,
