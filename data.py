@@ -866,11 +866,15 @@ def write_part(path, tensors, made_by, samples, counts=None, error=None):
 
 
 def write_manifest(root, manifest):
-    _write_whole(os.path.join(root, CACHE_MANIFEST),
-                 lambda tmp: open(tmp, "w", encoding="utf-8").write(json.dumps(manifest, indent=1)))
+    """Write CACHE_MANIFEST whole or not at all, once every part is written: it makes the folder a cache."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:   # closed here, so a full disk fails here, not unseen later
+            json.dump(manifest, f, indent=1)
+    _write_whole(os.path.join(root, CACHE_MANIFEST), write)
 
 
 def _write_whole(path, write):
+    """write(tmp) to a temporary file of a name no other process has, then a rename over path."""
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
     os.close(fd)
     try:
@@ -883,13 +887,16 @@ def _write_whole(path, write):
         raise
 
 
-def _open_part(path, _open={}):
-    """The part's safetensors file, opened once per process (the loader's workers each keep their own)."""
-    if path not in _open:
-        if len(_open) >= 64:
-            _open.clear()
-        _open[path] = safe_open(path, "pt")
-    return _open[path]
+_OPEN_PARTS = {}  # path → safe_open handle, per process (the loader's workers each keep their own)
+
+
+def _open_part(path):
+    """The part's safetensors file, opened once per process; at most 64 at a time (file handles)."""
+    if path not in _OPEN_PARTS:
+        if len(_OPEN_PARTS) >= 64:
+            _OPEN_PARTS.clear()
+        _OPEN_PARTS[path] = safe_open(path, "pt")
+    return _OPEN_PARTS[path]
 
 
 def read_latent(latent, flip=False):
