@@ -14,6 +14,7 @@ import dataclasses
 import gc
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -464,6 +465,48 @@ def measure_throughput(folder, workers=2, n=200, batch_size=8, min_side=1024):
     return count / (time.perf_counter() - t0)
 
 
+def cache_speedup(folder, n=16, side=256, batch=2, steps=(2, 5), rounds=1):
+    """`zd.py train` from JPEGs and from a latent cache of them (`zd.py cache`), alternating runs in this process, on
+    SD1.5's structure at about a quarter width (UNet 96 channels, 0.09 of SD1.5's FLOPs and parameters; VAE 32, 1/16
+    of its FLOPs: the VAE's share of a step is a little below SD1.5's, so the speed-up is too) at one side² bucket,
+    from n photo-like JPEGs of 1024–1536 px, decoded in the trainer's process (--workers 0, so that its CPU time holds
+    them). Each source trains `steps[0]` and `steps[1]` steps; the difference of the two runs' CPU seconds over the
+    difference of steps is the CPU cost of a step, without start-up and saving. CPU time, not wall time: on a machine shared with other jobs a step's wall time
+    swings several-fold with their load, its CPU time much less. Also the median wall samples/s of each run's steps
+    after the first. Reproduces the README's ratio (python bench.py --cache DIR)."""
+    images, ckpt, cache = (os.path.join(folder, f) for f in ("images", "sd.safetensors", "cache"))
+    if not os.path.isdir(images):
+        write_bench_jpegs(images, n)
+    torch.manual_seed(0)
+    model.save(ckpt, model.UNet(model.UNetConfig(model_channels=96, context_dim=64)),
+               model.CLIPTextModel(model.CLIPConfig.tiny()), model.VAE(model.VAEConfig(ch=32)))
+    shape = ["--min-side", "0", "--bucket-area", str(side * side), "--bucket-min", str(side), "--bucket-max",
+             str(side), "--bucket-step", "64", "--workers", "0", "--batch-size", str(batch)]
+    zd.main(["cache", "--model", ckpt, "--data", images, "--out", cache, *shape])
+
+    def cpu_seconds():
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        return own.ru_utime + own.ru_stime
+
+    cpu, wall = {"jpeg": [], "cache": []}, {"jpeg": [], "cache": []}
+    for r in range(rounds):
+        for name, src in (("jpeg", images), ("cache", cache)):
+            used = []
+            for k in steps:
+                out = os.path.join(folder, f"run_{name}_{r}_{k}")
+                c0 = cpu_seconds()
+                zd.main(["train", "--model", ckpt, "--data", src, "--out", out, *shape, "--steps", str(k),
+                         "--sample-every", "0", "--log-every", "1", "--text-cache", "0"])
+                used.append(cpu_seconds() - c0)
+                with open(os.path.join(out, "metrics.jsonl")) as f:
+                    wall[name] += [json.loads(line)["samples_s"] for line in list(f)[1:]]
+            cpu[name].append((used[1] - used[0]) / (steps[1] - steps[0]))
+    per_step = {name: statistics.median(v) for name, v in cpu.items()}
+    return dict(cpu_s_per_step=per_step, ratio=per_step["jpeg"] / per_step["cache"],
+                wall_samples_s={name: statistics.median(v) for name, v in wall.items()},
+                bytes_per_image=data.describe_cache(cache)["bytes_per_image"], side=side, batch=batch)
+
+
 def write_scan_folder(folder, n=10000, seed=0, scale=1):
     """n demo images (data.demo_sample) enlarged `scale` times as JPEGs, 1000 to a sub-folder, each with its caption in a
     .txt and a .json as img2dataset writes it: the original size (16 times the demo's, 1024–1536 px) and LAION-style
@@ -501,7 +544,13 @@ def main(argv=None):
                    "instead of 5 steps at 256²; always on GPU")
     p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, for the fraction of peak "
                    "(default: looked up for H100/H200/A100)")
-    bench(p.parse_args(argv))
+    p.add_argument("--cache", metavar="DIR", help="instead: zd.py train's samples/s from JPEGs vs from a latent cache "
+                   "of them, side by side on the CPU (cache_speedup), working in DIR")
+    args = p.parse_args(argv)
+    if args.cache:
+        print(json.dumps(cache_speedup(args.cache), indent=1))
+        return
+    bench(args)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""data.py — files → buckets → batches of pixels, captions and inpainting masks for `zd.py train`; also the images in
-and out of `zd.py sample` (image_tensor, mask_tensor, save_png) and the judge of the demo's samples (demo_judge).
+"""data.py — files → buckets → batches of pixels (or cached latents), captions and inpainting masks for `zd.py train`;
+also the images in and out of `zd.py sample` (image_tensor, mask_tensor, save_png) and the judge of the demo's samples
+(demo_judge).
 
 Sources
   folder   a directory, searched recursively for .jpg .jpeg .png .webp .bmp. The caption of a/b.jpg is a/b.txt,
@@ -8,6 +9,12 @@ Sources
   shards   img2dataset / WebDataset tars (00000.tar holding key.jpg|png|webp, key.txt, key.json), given as paths or
            globs and read as a stream (tarfile "r|"), never unpacked.
   "demo"   DemoSource: plain colours and simple shapes drawn from a seed, for `zd.py train` with no data.
+  cache    a latent cache that `zd.py cache` made of folders or shards: CACHE/zd_cache.json (the manifest, written
+           last) and CACHE/parts/NNNNN.safetensors, each part holding the VAE posterior's mean and std of its images'
+           bucket crops (KEY.mean, KEY.std; with flip also KEY.mean_flip, KEY.std_flip) and, in its header, their
+           keys, names, captions and sizes. A cache of folders keeps the scan's index order, CACHE_PART_IMAGES images
+           a part; a cache of shards has a part per shard with each sample's ordinal in it, so batches, indices and
+           every seeded draw are those of the images (CacheStream). It stands alone, like shards.
 
 Filters (folders and shards) are decided from a sample's image header and json, never by decoding pixels. A dropped
 sample is counted once, under the first test it fails, in this order:
@@ -68,6 +75,8 @@ from collections import Counter, namedtuple
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SHARD_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -667,36 +676,48 @@ def inpaint_mask(w, h, rng, p_full=0.25):
     return torch.from_numpy((np.asarray(img) > 127).astype(np.float32))[None]
 
 
+def pixels_of(img):
+    """An RGB PIL image as a float32 tensor [3, H, W] in [−1, 1]."""
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1
+
+
 def make_batch(entries, size, epoch, position, opts):
-    """Decode a batch of (index, Item) for one bucket. A file that fails to decode is replaced by a copy of the batch's
-    first good sample (so B stays batch_size) and named in "_bad"; a batch with no good sample comes back as None."""
-    pixels, captions, dropped, index, masks, bad = [], [], [], [], [], []
+    """Decode a batch of (index, Item) for one bucket: "pixels", or the "mean" and "std" of the VAE posterior when the
+    Items are a cache's (Latent), with the same draws either way. A file that fails to decode is replaced by a copy of
+    the batch's first good sample (so B stays batch_size) and named in "_bad"; a batch with no good sample comes back
+    without tensors."""
+    tensors, captions, dropped, index, masks, bad = [], [], [], [], [], []
     for i, item in entries:
         r = sample_rng(opts["seed"], epoch, i)
         drop, flip, u, v = r.random() < opts["caption_dropout"], r.random() < 0.5, r.random(), r.random()
         if not opts["random_crop"]:  # always drawn above, so switching an option never changes the other draws
             u = v = 0.5
         try:
-            img = load_image(item.src, size, u, v)
+            if isinstance(item.src, Latent):  # the moments of this crop (or of its mirror image), encoded before
+                tensors.append(read_latent(item.src, opts["flip"] and flip))
+            else:
+                img = load_image(item.src, size, u, v)
+                tensors.append(pixels_of(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if opts["flip"] and flip
+                                        else img))
         except BadImage as e:
             bad.append((item.name, e.reason, str(e)))
             continue
-        if opts["flip"] and flip:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        pixels.append(torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1)
         captions.append("" if drop else item.caption)
         dropped.append(drop)
         index.append(i)
         if opts["inpaint"]:
             masks.append(inpaint_mask(size[0], size[1], sample_rng(opts["seed"], epoch, i, stream=1)))
     batch = {"epoch": epoch, "position": position, "_bad": bad}
-    if not pixels:
+    if not tensors:
         return batch
     for _ in bad:
-        for column in (pixels, captions, dropped, index, masks):
+        for column in (tensors, captions, dropped, index, masks):
             column += column[:1]
-    batch.update(pixels=torch.stack(pixels), captions=captions, dropped=torch.tensor(dropped),
-                 index=torch.tensor(index, dtype=torch.int64))
+    batch.update(captions=captions, dropped=torch.tensor(dropped), index=torch.tensor(index, dtype=torch.int64))
+    if isinstance(entries[0][1].src, Latent):
+        batch["mean"], batch["std"] = torch.stack(tensors).unbind(1)
+    else:
+        batch["pixels"] = torch.stack(tensors)
     if masks:
         batch["mask"] = torch.stack(masks)
         batch["masked_pixels"] = batch["pixels"] * (batch["mask"] < 0.5)  # SD-inpainting: masked = image·(mask < 0.5)
@@ -810,6 +831,202 @@ class ShardStream(torch.utils.data.IterableDataset):
                 raise RuntimeError(f"shard reader {slot} of {slots} found no usable sample in a whole epoch")
 
 
+# ---- the latent cache ----------------------------------------------------------------------------------------------
+
+CACHE_MANIFEST = "zd_cache.json"  # written last, once every part is: a folder without it is never read as a cache
+CACHE_PARTS = "parts"             # CACHE/parts/00000.safetensors ...: each written whole (a temporary file renamed)
+CACHE_PART_IMAGES = 256           # images per part of a cache of folders; a cache of shards has a part per shard
+# The Loader settings that decide which images a cache holds and how they are cropped; training from it must use the
+# same. (--random-crop draws a new crop every epoch: no cache of fixed crops gives it, so it is refused.)
+CACHE_SETTINGS = ("min_side", "min_aesthetic", "max_watermark", "max_unsafe", "drop_unscored", "bucket_area",
+                  "bucket_min", "bucket_max", "bucket_step", "flip")
+CACHE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# A cached image: tensors KEY.mean and KEY.std in the part file (and KEY.mean_flip, KEY.std_flip, the moments of the
+# mirrored crop, in a cache made with flip); error is the (reason, detail) of an image that did not decode, which
+# training skips where it would have skipped the image.
+Latent = namedtuple("Latent", "part key error")
+
+
+def is_cache(src):
+    """Whether --data SRC is a latent cache, finished or not (a folder with CACHE_MANIFEST or CACHE_PARTS)."""
+    return isinstance(src, str) and any(os.path.exists(os.path.join(src, f)) for f in (CACHE_MANIFEST, CACHE_PARTS))
+
+
+def read_cache(root):
+    """The manifest of a finished cache: made_by (the VAE's hash, CACHE_SETTINGS, dtype, sources), layout ("folders"
+    or "shards"), parts (file names, in order), images, stats. ValueError for an unfinished one."""
+    try:
+        with open(os.path.join(root, CACHE_MANIFEST), encoding="utf-8") as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{root} is an unfinished latent cache (no {CACHE_MANIFEST}): rerun the `zd.py cache` command "
+                         "that made it to finish it") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{root}/{CACHE_MANIFEST} cannot be read ({e}): make the cache again") from None
+    if manifest.get("zd_cache") != 1:
+        raise ValueError(f"{root}/{CACHE_MANIFEST} is not a zd latent cache: make the cache again with `zd.py cache`")
+    return manifest
+
+
+def cache_mismatch(made_by, settings):
+    """'NAME: cache X, run Y' for the first of CACHE_SETTINGS that differs between a cache and a run; None if none."""
+    for k in CACHE_SETTINGS:
+        if made_by["settings"][k] != settings[k]:
+            return f"--{k.replace('_', '-')}: cache {made_by['settings'][k]}, run {settings[k]}"
+    return None
+
+
+def part_path(root, p):
+    return os.path.join(root, CACHE_PARTS, f"{p:05d}.safetensors")
+
+
+def read_part(path):
+    """A part's header: made_by; samples, [key, name, caption, w, h, error] rows in the order of the data (a folder's
+    index order, a shard's member order); counts, a shard's scan counts (new_stats form); error, what storing in
+    fp16/bf16 cost (zd.py's measure_rounding)."""
+    with safe_open(path, "pt") as f:
+        return json.loads(f.metadata()["zd_cache_part"])
+
+
+def write_part(path, tensors, made_by, samples, counts=None, error=None):
+    """Write a part whole or not at all: a temporary file of its own name, renamed. An OSError (a full disk) leaves
+    nothing behind and is raised."""
+    meta = json.dumps(dict(made_by=made_by, samples=samples, counts=counts, error=error), separators=(",", ":"))
+    _write_whole(path, lambda tmp: save_file(tensors, tmp, metadata={"zd_cache_part": meta}))
+
+
+def write_manifest(root, manifest):
+    """Write CACHE_MANIFEST whole or not at all, once every part is written: it makes the folder a cache."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:   # closed here, so a full disk fails here, not unseen later
+            json.dump(manifest, f, indent=1)
+    _write_whole(os.path.join(root, CACHE_MANIFEST), write)
+
+
+def _write_whole(path, write):
+    """write(tmp) to a temporary file of a name no other process has, then a rename over path."""
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the cache from others who read the data
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, an interrupt: no partial file stays
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+_OPEN_PARTS = {}  # path → safe_open handle, per process (the loader's workers each keep their own)
+
+
+def _open_part(path):
+    """The part's safetensors file, opened once per process; at most 64 at a time (file handles)."""
+    if path not in _OPEN_PARTS:
+        if len(_OPEN_PARTS) >= 64:
+            _OPEN_PARTS.clear()
+        _OPEN_PARTS[path] = safe_open(path, "pt")
+    return _OPEN_PARTS[path]
+
+
+def read_latent(latent, flip=False):
+    """The moments [2, 4, h, w] (mean, std) float32 of a cached image, of its mirrored crop with flip."""
+    if latent.error:
+        raise BadImage(*latent.error)
+    f, suffix = _open_part(latent.part), "_flip" if flip else ""
+    return torch.stack([f.get_tensor(f"{latent.key}.{m}{suffix}").float() for m in ("mean", "std")])
+
+
+def cache_items(root, manifest):
+    """The Items of a cache of folders, in the index order the folder scan gave them."""
+    items = []
+    for name in manifest["parts"]:
+        path = os.path.join(root, CACHE_PARTS, name)
+        items += [Item(name, Latent(path, str(key), err and tuple(err)), caption, w, h)
+                  for key, name, caption, w, h, err in read_part(path)["samples"]]
+    return items
+
+
+def describe_cache(root):
+    """What `zd.py data --data CACHE` prints: images, undecodable ones, images per bucket, dtype, size on disk, what
+    made it."""
+    manifest = read_cache(root)
+    per_bucket, bad = Counter(), 0
+    bkts = buckets(*(manifest["made_by"]["settings"][k] for k in ("bucket_area", "bucket_min", "bucket_max",
+                                                                  "bucket_step")))
+    for name in manifest["parts"]:
+        for _, _, _, w, h, err in read_part(os.path.join(root, CACHE_PARTS, name))["samples"]:
+            bad += err is not None
+            per_bucket[bucket_for(w, h, bkts)] += err is None
+    size = sum(os.path.getsize(os.path.join(root, CACHE_PARTS, n)) for n in manifest["parts"])
+    images = sum(per_bucket.values())
+    return dict(cache=root, layout=manifest["layout"], images=images, undecodable=bad,
+                buckets={f"{w}x{h}": per_bucket[(w, h)] for w, h in bkts}, dtype=manifest["made_by"]["dtype"],
+                bytes=size, bytes_per_image=round(size / max(images, 1)), made_by=manifest["made_by"],
+                dtype_error=manifest.get("dtype_error"))
+
+
+class CacheBuild(torch.utils.data.IterableDataset):
+    """The crops a latent cache is made of, decoded in the loader's workers: for each part in `todo` [(p, path)],
+    batches of one bucket of up to batch_size images at their bucket crop (centre, unflipped, as make_batch crops them),
+    each a dict of part, path, rows ([key, name, caption, w, h, error], error None for the images in pixels), pixels
+    [B, 3, H, W] or None, and last (the part's final batch, which also carries a shard's scan counts). Worker w takes
+    the parts todo[w::workers]."""
+
+    def __init__(self, loader, todo, batch_size):
+        self.loader, self.todo, self.b = loader, todo, batch_size
+
+    def entries(self, p, counts):
+        """[(key, Item)] of part p: a folder's images p·CACHE_PART_IMAGES onwards, or shard p's kept samples, keyed by
+        their ordinal in the shard (as ShardStream indexes them)."""
+        if self.loader.shards is None:
+            items = self.loader.dataset.items[p * CACHE_PART_IMAGES:(p + 1) * CACHE_PART_IMAGES]
+            return list(enumerate(items, p * CACHE_PART_IMAGES))
+        warn = lambda name, e: counts["bad_files"].update([e.reason])
+        out = []
+        for n, (key, files) in enumerate(read_shard(self.loader.shards[p], warn)):
+            name = f"{self.loader.shards[p]}:{key}"
+            record, raw = shard_record(files)
+            if admit(name, record, self.loader.filters, counts, warn):
+                out.append((n, Item(name, raw, record.caption, record.w, record.h)))
+        return out
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        for p, path in self.todo[info.id::info.num_workers] if info else self.todo:
+            counts = new_stats()
+            groups = {}
+            for key, item in self.entries(p, counts):
+                groups.setdefault(bucket_for(item.w, item.h, self.loader.buckets), []).append((key, item))
+            chunks = [(bkt, g[k:k + self.b]) for bkt, g in groups.items() for k in range(0, len(g), self.b)]
+            for c, (bkt, chunk) in enumerate(chunks or [(None, [])]):
+                rows, pixels = [], []
+                for key, item in chunk:
+                    try:
+                        pixels.append(pixels_of(load_image(item.src, bkt)))
+                        rows.append([key, item.name, item.caption, item.w, item.h, None])
+                    except BadImage as e:
+                        rows.append([key, item.name, item.caption, item.w, item.h, [e.reason, e.detail]])
+                last = c == len(chunks) - 1 or not chunks
+                tally = {k: dict(n) if isinstance(n, dict) else n for k, n in counts.items()} if last else None
+                yield dict(part=p, path=path, rows=rows, pixels=torch.stack(pixels) if pixels else None, last=last,
+                           counts=tally)
+
+
+class CacheStream(ShardStream):
+    """ShardStream over a cache of shards: part s holds shard s's kept samples under their ordinals, so each reader
+    reads the same samples in the same order, and the batches, indices and positions are those of the shards."""
+
+    def samples(self, epoch, slot, slots, stats, warn):
+        parts, stride = self.assignment(epoch, slot, slots)
+        for s, path in parts:
+            for n, name, caption, w, h, err in read_part(path)["samples"]:
+                if stride and n % slots != slot:
+                    continue
+                stats["kept"] += 1
+                yield (s << 32) + n, Item(name, Latent(path, str(n), err and tuple(err)), caption, w, h)
+
+
 def leave_signals_to_parent(worker_id):
     """Loader workers ignore Ctrl-C and SIGTERM, which reach the terminal's whole process group: the training process
     decides (it stops after the current step and saves), and a worker killed by them would fail that step."""
@@ -830,10 +1047,13 @@ class Loader:
       pixels [B, 3, H, W] float32 in [−1, 1]; captions list[str] after dropout; dropped bool [B]; index int64 [B]
       (global sample index); epoch, position (ints; resume with start = position + 1); with inpaint=True also
       mask [B, 1, H, W] in {0, 1} (1 = repaint) and masked_pixels [B, 3, H, W].
-    sources: folder paths, shard paths/globs (*.tar), "demo" or DemoSource objects; folders and demo mix, shards
-    stand alone. min_side and the score filters (min_aesthetic, max_watermark, max_unsafe, drop_unscored) are those of
-    the module docstring. stats counts as new_stats() does and, for folders, dropped_incomplete_per_epoch; scan is the
-    folder scan's info (scan_folder), batches_per_epoch the epoch length in global batches (None for shards)."""
+    From a latent cache (`zd.py cache`) the batches hold mean and std [B, 4, H/8, W/8] float32 instead of pixels,
+    with the same order, indices, dropout and flips as from the images the cache was made of.
+    sources: folder paths, shard paths/globs (*.tar), "demo" or DemoSource objects, or one latent cache; folders and
+    demo mix, shards and a cache stand alone. min_side and the score filters (min_aesthetic, max_watermark,
+    max_unsafe, drop_unscored) are those of the module docstring. stats counts as new_stats() does and, for folders,
+    dropped_incomplete_per_epoch; scan is the folder scan's info (scan_folder), batches_per_epoch the epoch length in
+    global batches (None for shards); cache the cache's manifest (read_cache), else None."""
 
     def __init__(self, sources, batch_size, *, seed=0, rank=0, world_size=1, workers=2, min_side=1024,
                  min_aesthetic=None, max_watermark=None, max_unsafe=None, drop_unscored=False,
@@ -851,6 +1071,20 @@ class Loader:
         self._warned = set()
         self._log(f"buckets (w×h): {', '.join(f'{w}×{h}' for w, h in self.buckets)}")
 
+        self.cache, items = None, []
+        if any(is_cache(s) for s in sources):
+            if len(sources) > 1:
+                raise ValueError("a latent cache stands alone: give it as the only --data")
+            if val_fraction:
+                raise ValueError("a validation share of a latent cache would differ from the images' share: give "
+                                 "held-out images (or a cache of them) as --val-data instead of --val-fraction")
+            items = self._open_cache(sources[0], dict(Filters(min_side, min_aesthetic, max_watermark, max_unsafe,
+                                                              drop_unscored)._asdict(), bucket_area=bucket_area,
+                                                         bucket_min=bucket_min, bucket_max=bucket_max,
+                                                         bucket_step=bucket_step, flip=flip))
+            if self.cache["layout"] == "shards":
+                return
+            sources = []
         sources = [DemoSource() if s == "demo" else s for s in sources]
         if any(isinstance(s, str) for s in sources):  # the demo's images are exempt
             self._log(f"filters: {filters_line(self.filters)}")
@@ -868,8 +1102,8 @@ class Loader:
                       "after the first epoch")
             return
         self.shards = None
-        items, self.scan = [], Counter(images=0, cached=0, seconds=0.0, workers=0)
-        keys = []  # each item's name in its source, which picks the validation share: a folder may move
+        self.scan = Counter(images=len(items), cached=0, seconds=0.0, workers=0)
+        keys = [it.name for it in items]  # each item's name in its source, which picks the validation share
         for s in sources:
             if isinstance(s, DemoSource):
                 items += s.items()
@@ -917,6 +1151,29 @@ class Loader:
             raise NoFullBatch(self, f"no bucket holds a full global batch of {g} images: lower the batch size, or keep "
                               "more images (min-side, the score filters)")
 
+    def _open_cache(self, root, settings):
+        """Read the cache at root, refusing one made with other settings; its Items for a cache of folders; for one of
+        shards, [] and self.shards its parts."""
+        self.cache = read_cache(root)
+        made_by = self.cache["made_by"]
+        if self.opts["random_crop"]:
+            raise ValueError("--random-crop draws a new crop every epoch, which a cache of fixed crops cannot give: "
+                             "train from the images, or without --random-crop")
+        if self.opts["inpaint"]:
+            raise ValueError("inpainting draws a new mask every epoch, and the masked image's latent with it: train "
+                             "--inpaint from the images")
+        if mismatch := cache_mismatch(made_by, settings):
+            raise ValueError(f"{root} was made with other settings ({mismatch}): train with the cache's settings, or "
+                             "make a cache with these")
+        parts = [os.path.join(root, CACHE_PARTS, name) for name in self.cache["parts"]]
+        self._log(f"latent cache {root}: {plural(self.cache['images'], 'image')} of {', '.join(made_by['sources'])}, "
+                  f"{made_by['dtype']}, VAE {made_by['vae'][:12]}")
+        if self.cache["layout"] == "shards":
+            self.shards, self.batches_per_epoch, self.scan = parts, None, None
+            return []
+        self.stats["kept"] = self.cache["images"]
+        return cache_items(root, self.cache)
+
     def _log(self, msg):
         if self.rank == 0:
             _say(f"data: {msg}")
@@ -933,8 +1190,9 @@ class Loader:
     def batches(self, start=0):
         """Endless batches from global batch position `start` (see the class docstring)."""
         if self.shards is not None:
-            dataset = ShardStream(self.shards, self.buckets, self.batch_size, self.rank, self.world_size,
-                                  self.filters, self.opts, start)
+            stream = CacheStream if self.cache else ShardStream
+            dataset = stream(self.shards, self.buckets, self.batch_size, self.rank, self.world_size, self.filters,
+                             self.opts, start)
             sampler = None
         else:
             dataset, sampler = self.dataset, itertools.count(start)
@@ -951,7 +1209,7 @@ class Loader:
                 if len(done) == readers:  # its counts travel with its batches: all of epoch 0 has arrived
                     rank = " of rank 0" if self.world_size > 1 else ""
                     self._log(f"first epoch over the shards{rank}: {count_line(self.stats)}")
-            if "pixels" not in batch:
+            if "index" not in batch:
                 print(f"data: warning: batch {batch['position']} had no decodable image and was skipped", flush=True)
                 continue
             yield batch

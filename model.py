@@ -9,6 +9,7 @@ Numbers follow CompVis/stable-diffusion (ldm/modules/diffusionmodules/openaimode
 21f890f9da3cfbeaba8e2ac3c425ee9e998d5229) and openai/CLIP (clip/model.py, simple_tokenizer.py @ a1d0717).
 """
 import gzip
+import hashlib
 import html
 import json
 import math
@@ -709,6 +710,13 @@ def to_net(module, x):
     return x.to(p.device, p.dtype)
 
 
+def posterior_sample(mean, std, posterior_noise):
+    """latent = VAE_SCALE·(mean + std·posterior_noise): a sample of the VAE posterior (Rombach et al. 2022, §3), scaled
+    to unit variance. Training from the latent cache calls this with the stored moments, so its floats are those of
+    SD.encode."""
+    return VAE_SCALE * (mean + std * posterior_noise.to(mean.device))
+
+
 @dataclass
 class SD:
     """A checkpoint's networks, with the three ways the recipe uses the frozen ones; `meta` holds what `load` read."""
@@ -729,13 +737,22 @@ class SD:
         return self.text_encoder(ids).float().to(device)
 
     @torch.no_grad()
-    def encode(self, pixels, xi):
-        """latent = VAE_SCALE·z, z = mean + exp(logvar/2)·ξ a posterior *sample* (Rombach et al. 2022, §3), float32
-        whatever the VAE's dtype. Pixel-space models (the demo) take the pixels as they are."""
+    def moments(self, pixels):
+        """The VAE posterior N(mean, std²) of each image (Rombach et al. 2022, §3): (mean, std) float32 [B, 4, H/8, W/8]
+        on the VAE's device, whatever its dtype. A batch of one is encoded as two copies: PyTorch's CPU convolution
+        takes another algorithm for one image with 3 input channels, whose rounding differs, and a sample's moments
+        must not depend on its batch (the latent cache encodes in other batches than training does)."""
+        x = to_net(self.vae, pixels)
+        mean, logvar = self.vae.encode(x if len(x) > 1 else x.expand(2, -1, -1, -1))
+        return mean[:len(x)].float(), (0.5 * logvar[:len(x)].float()).exp()
+
+    @torch.no_grad()
+    def encode(self, pixels, posterior_noise):
+        """latent = VAE_SCALE·z, z = mean + std·posterior_noise a posterior *sample* (posterior_sample), float32 on the
+        pixels' device. Pixel-space models (the demo) take the pixels as they are."""
         if self.vae is None:
             return pixels
-        mean, logvar = self.vae.encode(to_net(self.vae, pixels))
-        return (VAE_SCALE * (mean.float() + (0.5 * logvar.float()).exp() * xi.to(mean.device))).to(pixels.device)
+        return posterior_sample(*self.moments(pixels), posterior_noise).to(pixels.device)
 
     @torch.no_grad()
     def decode(self, latents):
@@ -967,6 +984,16 @@ def save(path, unet, text_encoder, vae=None, *, half=False, prediction="v", ztsn
     if vae is not None:  # a pixel-space model has no LDM config
         yaml = v1_yaml(unet.cfg, vae.cfg, prediction)
         atomic_write(path.with_suffix(".yaml"), lambda tmp: Path(tmp).write_text(yaml))
+
+
+def weights_hash(module):
+    """SHA-256 of a network's weights (names, shapes and float32 values in name order), whatever file or dtype they came
+    from: what the latent cache records of the VAE that made it."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(f"{name}{tuple(t.shape)}".encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def atomic_write(path, write):

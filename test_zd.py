@@ -7,6 +7,7 @@ transformers as oracles), and a test for each of the README's numbered pitfalls.
 """
 import argparse
 import contextlib
+import errno
 import functools
 import io
 import json
@@ -1240,7 +1241,7 @@ def test_cli_help_lists_every_subcommand(capsys):
     exits 0 with its usage and a description of what it does (the docstring of the function it runs, for train
     TRAIN_HELP)."""
     out = subprocess.run([sys.executable, "zd.py", "--help"], cwd=HERE, capture_output=True, text=True, check=True).stdout
-    commands = ["train", "demo", "sample", "schedule", "vectors", "check", "convert", "merge", "inspect", "data"]
+    commands = ["train", "demo", "sample", "schedule", "vectors", "check", "convert", "merge", "inspect", "data", "cache"]
     assert re.findall(r"^    (\w+) +\w", out, re.M) == commands
     sub = next(a for a in zd.parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
     for c in commands:
@@ -3534,3 +3535,143 @@ def test_gpu_script_dry_run(tmp_path):
     assert results["train"]["--resume to 4"]["ok"] and results["nan"]["non-finite steps skipped"]["weights_unchanged"]
     md = (tmp_path / "out" / "gpu.md").read_text()
     assert "DRY RUN" in md and all(f"## {p}: ok" in md for p in parts)
+
+
+# ---- the latent cache ------------------------------------------------------------------------------------------------
+
+CACHE_BUCKETS = ["--min-side", "0", "--bucket-area", str(64 * 128), "--bucket-min", "64", "--bucket-max", "128",
+                 "--bucket-step", "64"]   # 64×128 and 128×64: latents of 8×16 and 16×8, which the tiny UNet halves 3×
+
+
+def _cache_images(tmp_path, layout):
+    """12 noise JPEGs with captions, 6 per bucket (one of them undecodable), as a folder or as two tar shards."""
+    samples = []
+    for i in range(12):
+        size = (80 + i, 150 + 2 * i) if i % 2 else (150 + 2 * i, 80 + i)   # odd: portrait, to 64×128
+        raw = _data_noise_jpeg(size, seed=i)
+        samples.append((f"{i:03d}", {"jpg": raw[:len(raw) // 2] if i == 5 else raw, "txt": f"image {i}".encode()}))
+    if layout == "shards":
+        _data_shard(tmp_path / "a.tar", samples[:7])
+        _data_shard(tmp_path / "b.tar", samples[7:])
+        return str(tmp_path / "*.tar")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for key, files in samples:
+        for ext, raw in files.items():
+            (folder / f"{key}.{ext}").write_bytes(raw)
+    return str(folder)
+
+
+def _cache(ckpt, src, out, *flags):
+    zd.main(["cache", "--model", str(ckpt), "--data", src, "--out", str(out), "--workers", "0", *CACHE_BUCKETS,
+             *flags])
+
+
+@pytest.mark.parametrize("layout", ["folders", "shards"])
+def test_training_from_the_latent_cache_is_bit_identical_and_resumes(tmp_path, monkeypatch, capsys, layout):
+    """Issue 19: 4 steps from the images == 2 steps from the cache, stop, --resume to 4, to the bit (weights, EMA,
+    AdamW moments): the same crops, flips, order, caption dropout and posterior noise, with the moments of the cache
+    (encoded in batches of 3, not 4; an undecodable image skipped in the same place). The VAE never runs."""
+    ckpt = tmp_path / "sd.safetensors"
+    _checkpoint(ckpt)
+    src = _cache_images(tmp_path, layout)
+    _cache(ckpt, src, tmp_path / "cache", "--flip", "--batch-size", "3")
+    assert "cache: 12 images in" in capsys.readouterr().out
+    flags = ["--model", str(ckpt), *CACHE_BUCKETS, "--flip", "--caption-dropout", "0.5", "--lr", "1e-3", "--warmup",
+             "0", "--text-cache", "0"]
+    _train(tmp_path / "a", "--data", src, "--steps", "4", *flags)
+    monkeypatch.setattr(model.VAE, "encode", lambda *a: pytest.fail("the VAE ran while training from a cache"))
+    _train(tmp_path / "b", "--data", str(tmp_path / "cache"), "--steps", "2", *flags)
+    _train(tmp_path / "b", "--steps", "4", "--resume")
+    a, b = _state(tmp_path / "a"), _state(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    capsys.readouterr()
+    zd.main(["data", "--data", str(tmp_path / "cache")])
+    report = capsys.readouterr().out
+    assert "11 images" in report and "1 undecodable" in report and "64×128: 5, 128×64: 6" in report
+
+
+def _refused(capsys, *argv):
+    """The one line `zd.py ARGV` exits with (status 1)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        zd.main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_latent_cache_resumes_and_refuses_in_one_line(tmp_path, monkeypatch, capsys):
+    """An interrupted cache (a signal between batches, a full disk) leaves whole parts only, is refused by train as
+    unfinished, and continues when the command runs again; another VAE, other crop settings, --random-crop and a
+    foreign --out are refused in one line naming the mismatch."""
+    monkeypatch.setattr(data, "CACHE_PART_IMAGES", 4)
+    ckpt, src, out = tmp_path / "sd.safetensors", _cache_images(tmp_path, "folders"), tmp_path / "cache"
+    _checkpoint(ckpt)
+    moments = model.SD.moments
+
+    def interrupted(self, pixels):     # SIGINT during the first batch: the cache stops after it, before any part
+        signal.raise_signal(signal.SIGINT)
+        return moments(self, pixels)
+    monkeypatch.setattr(model.SD, "moments", interrupted)
+    _cache(ckpt, src, out)
+    assert "SIGINT: stopped after 0 of 3 parts" in capsys.readouterr().out
+    monkeypatch.setattr(model.SD, "moments", moments)
+    train = ["train", "--model", ckpt, "--out", tmp_path / "run", *CACHE_BUCKETS, *TINY_TRAIN, "--steps", "1"]
+    assert "unfinished latent cache" in _refused(capsys, *train, "--data", out)
+
+    write, calls = data.save_file, []
+
+    def full_disk(tensors, path, metadata=None):       # the third part finds the disk full halfway through
+        calls.append(path)
+        write(tensors, path, metadata)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(data, "save_file", full_disk)
+    err = _refused(capsys, "cache", "--model", ckpt, "--data", src, "--out", out, "--workers", "0", *CACHE_BUCKETS)
+    assert "No space left on device" in err and "the 2 parts written before it are whole" in err
+    assert sorted(os.listdir(out / "parts")) == ["00000.safetensors", "00001.safetensors"]
+    assert not (out / data.CACHE_MANIFEST).exists()
+    monkeypatch.setattr(data, "save_file", write)
+    first = (out / "parts" / "00000.safetensors").read_bytes()
+    _cache(ckpt, src, out)
+    assert "2 written before" in capsys.readouterr().out and (out / data.CACHE_MANIFEST).exists()
+    assert (out / "parts" / "00000.safetensors").read_bytes() == first
+
+    other = tmp_path / "other.safetensors"     # the same checkpoint with one VAE weight changed
+    sd = load_file(ckpt)
+    sd["first_stage_model.quant_conv.bias"] = sd["first_stage_model.quant_conv.bias"] + 1e-3
+    save_file(sd, other)
+    assert "was made by another VAE" in _refused(capsys, *train[:2], other, *train[3:], "--data", out)
+    assert "is a latent cache: train from it with --model" in _refused(capsys, *train[:1], *train[3:], "--data", out)
+    assert "(--flip: cache False, run True)" in _refused(capsys, *train, "--data", out, "--flip")
+    assert "(--bucket-area: cache 8192, run 4096)" in _refused(capsys, *train, "--data", out, "--bucket-area", 4096)
+    assert "--random-crop draws a new crop" in _refused(capsys, *train, "--data", out, "--random-crop")
+    assert "inpainting draws a new mask every epoch" in _refused(capsys, *train, "--data", out, "--inpaint")
+    assert "--random-crop draws a new crop" in _refused(capsys, "cache", "--model", ckpt, "--data", src, "--out",
+                                                        tmp_path / "c2", *CACHE_BUCKETS, "--random-crop")
+    assert "made by other settings" in _refused(capsys, "cache", "--model", ckpt, "--data", src, "--out", out,
+                                                "--workers", "0", *CACHE_BUCKETS, "--flip")
+
+
+def test_fp16_latent_cache_prints_its_error_against_fp32(tmp_path, capsys):
+    """--dtype fp16 halves the cache and prints what it costs, measured against fp32 on the same images: the
+    difference of the two caches' moments, read back."""
+    ckpt, src = tmp_path / "sd.safetensors", _cache_images(tmp_path, "folders")
+    _checkpoint(ckpt)
+    _cache(ckpt, src, tmp_path / "fp32", "--workers", "2")
+    _cache(ckpt, src, tmp_path / "fp16", "--dtype", "fp16")
+    line = [x for x in capsys.readouterr().out.splitlines() if "fp16 storage against fp32" in x][0]
+    exact, half = (data.Loader([str(tmp_path / d)], 1, workers=0, min_side=0, bucket_area=64 * 128, bucket_min=64,
+                               bucket_max=128, bucket_step=64) for d in ("fp32", "fp16"))
+    worst = 0.0
+    for item32, item16 in zip(exact.dataset.items, half.dataset.items):
+        if item32.src.error is None:
+            a, b = data.read_latent(item32.src), data.read_latent(item16.src)
+            assert b.dtype == torch.float32 and not torch.equal(a, b)
+            worst = max(worst, (a[0] - b[0]).abs().max().item())
+    assert f"posterior mean max |Δ| {worst:.2e}" in line
+    size = {d: sum(f.stat().st_size for f in (tmp_path / d / "parts").iterdir()) for d in ("fp32", "fp16")}
+    assert size["fp16"] < 0.6 * size["fp32"]

@@ -23,6 +23,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 # OpenMP threads that busy-wait at every barrier collapse when the cores are shared (measured on a 2-core host with one
@@ -213,11 +214,12 @@ def train(args):
 
     # ---- networks: the UNet trains, CLIP and the VAE are frozen; UNet and EMA start from the same (EMA) weights
     nets = starting_model(s, log)
+    cached = any(map(data.is_cache, s.data))   # latents from `zd.py cache`: the VAE stays on the CPU, unused
     unet = nets.unet.to(device).train().requires_grad_(True)
     unet.gradient_checkpointing = s.grad_checkpointing
     for frozen in (nets.text_encoder, nets.vae):
         if frozen is not None:
-            frozen.to(device).eval().requires_grad_(False)
+            frozen.to("cpu" if cached and frozen is nets.vae else device).eval().requires_grad_(False)
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # the frozen fp32 VAE/CLIP
         unet.to(memory_format=torch.channels_last)
@@ -242,6 +244,8 @@ def train(args):
 
     abar = S.alphas_cumprod(S.betas(s.schedule == "zt")).to(device)   # float64, never fp16 (pitfall 8)
     snr = S.snr(abar)                                                 # of the *rescaled* schedule (pitfall 1)
+    if cached:
+        check_cache_vae(next(filter(data.is_cache, s.data)), nets.vae)
     loader = make_loader(s, rank, world, cuda)
     validation = Validation(make_loader(s, 0, 1, cuda, True)) if rank == 0 and (s.val_data or s.val_fraction) else None
     batches = loader.batches(start=position + 1)
@@ -377,6 +381,9 @@ def settings(args):
     values["sample_size"] = tuple(values["sample_size"])
     if not values["data"]:
         raise UserError("train: --model needs --data (an image folder or tar shards; repeatable)")
+    if not values["model"] and (cache := next(filter(data.is_cache, values["data"]), None)):
+        raise UserError(f"train: {cache} is a latent cache: train from it with --model, the checkpoint whose VAE made "
+                        "it")
     if not values["model"] and not values["from_scratch"] and set(values["data"]) != {"demo"} and not given.get(
             "resume"):
         raise UserError("train: --data without --model would train the demo's small pixel-space model from scratch on "
@@ -552,6 +559,22 @@ def make_loader(s, rank, world, cuda, validation=False):
         raise UserError(f"train: {e}") from None
 
 
+def check_cache_vae(path, vae):
+    """Refuse a latent cache that another VAE made (its moments would not be this checkpoint's), or an unfinished
+    one."""
+    if vae is None:
+        raise UserError(f"train: {path} is a latent cache: train from it with --model, the checkpoint whose VAE made "
+                        "it")
+    try:
+        made_by = data.read_cache(path)["made_by"]
+    except ValueError as e:
+        raise UserError(f"train: {e}") from None
+    if (ours := model.weights_hash(vae)) != made_by["vae"]:
+        raise UserError(f"train: {path} was made by another VAE (weights {made_by['vae'][:12]}, this checkpoint's "
+                        f"{ours[:12]}): train with the checkpoint (or --vae) that made it, or make a cache with this "
+                        "one")
+
+
 def get_lr(step, lr, warmup, steps, lr_schedule="constant"):
     """Linear warm-up over `warmup` steps, then constant, or a cosine to 0 at `steps` (Loshchilov & Hutter 2017)."""
     if step < warmup:
@@ -566,7 +589,8 @@ def sample_noise(seed, micro_step, index, shape, inpaint=False):
     """Per-sample randomness: t ~ U{0..999}, ε, the IP noise ξ and the VAE posterior's noise (a second one for the
     masked image), from a CPU generator seeded by (seed, micro-step, the sample's global index). A sample gets the same
     draws whichever rank holds it and whatever batch surrounds it, so results do not depend on the number of ranks,
-    and a resumed run needs no generator state."""
+    and a resumed run needs no generator state. Returns (t, noise, ip_noise, posterior_noise, masked_posterior_noise),
+    the last None without inpainting."""
     t, draws = [], []
     for i in index.tolist():
         g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, micro_step, i]).generate_state(1)[0]))
@@ -577,18 +601,40 @@ def sample_noise(seed, micro_step, index, shape, inpaint=False):
 
 
 def encode_batch(s, nets, batch, micro_step, text_cache, device):
-    """A batch's draws (sample_noise: t, ε, IP noise) and what the frozen networks make of it: the clean latents x0
-    (VAE, or the pixels in the demo), the inpainting UNet's extra input channels `known` ([mask, masked-image latent],
-    the mask nearest-downsampled; None without --inpaint) and the CLIP embeddings of the captions."""
-    pixels = to_device(batch["pixels"], device)
-    H, W = pixels.shape[-2:]
-    shape = (3, H, W) if nets.vae is None else (4, H // 8, W // 8)
-    t, noise, ip_noise, xi, xi_masked = (None if a is None else to_device(a, device) for a in sample_noise(
-        s.seed, micro_step, batch["index"], shape, s.inpaint))
-    x0, known = nets.encode(pixels, xi), None
+    """A batch's draws (sample_noise: t, ε, IP noise, the VAE posterior's noise) and what the frozen networks make of
+    it: the clean latents x0 (VAE, the pixels in the demo, or from a latent cache its moments: the same floats as
+    encoding the same crops), the inpainting UNet's extra input channels `known` ([mask, masked-image latent], the
+    mask nearest-downsampled; None without --inpaint) and the CLIP embeddings of the captions."""
+    cached = "mean" in batch
+    if cached:
+        mean, std = to_device(batch["mean"], device), to_device(batch["std"], device)
+        shape = mean.shape[1:]
+    else:
+        pixels = to_device(batch["pixels"], device)
+        shape = (3, *pixels.shape[-2:]) if nets.vae is None else (4, *(side // 8 for side in pixels.shape[-2:]))
+    t, noise, ip_noise, posterior_noise, masked_posterior_noise = (None if a is None else to_device(a, device) for a in
+                                                                   sample_noise(s.seed, micro_step, batch["index"],
+                                                                                shape, s.inpaint))
+    x0 = model.posterior_sample(mean, std, posterior_noise) if cached else nets.encode(pixels, posterior_noise)
+    known = None
     if s.inpaint:   # the mask at image size and the masked image's latent, which inpaint_input puts after x_t
-        known = to_device(batch["mask"], device), nets.encode(to_device(batch["masked_pixels"], device), xi_masked)
+        known = to_device(batch["mask"], device), nets.encode(to_device(batch["masked_pixels"], device),
+                                                              masked_posterior_noise)
     return t, noise, ip_noise, x0, known, encode_captions(nets, batch["captions"], text_cache, s.text_cache)
+
+
+@contextlib.contextmanager
+def on_device(module, device):
+    """`module` (None: nothing) on `device` inside the block, back where it was after: training from a latent cache
+    keeps the VAE on the CPU, and moves it to the GPU only to decode a sample grid or encode validation images."""
+    home = None if module is None else next(module.parameters()).device
+    if module is not None:
+        module.to(device)
+    try:
+        yield
+    finally:
+        if module is not None:
+            module.to(home)
 
 
 def unet_input(x_t, known, cuda):
@@ -770,7 +816,8 @@ class Validation:
         self.loader, self.last = loader, time.time()
 
     def __call__(self, s, step, nets, unet, ema, abar, snr, autocast, log, board, stop):
-        metrics = validate(s, step, nets, unet, ema, self.loader, abar, snr, autocast, board, stop)
+        with on_device(nets.vae, abar.device):
+            metrics = validate(s, step, nets, unet, ema, self.loader, abar, snr, autocast, board, stop)
         share, self.last = metrics["val_seconds"] / max(time.time() - self.last, 1e-9), time.time()
         log(f"validation at step {step}: loss {metrics['val_loss']:.4f}, EMA {metrics['val_ema_loss']:.4f}; at t = 999 "
             f"{metrics['val_loss_by_t']['999']:.4f}, EMA {metrics['val_ema_loss_by_t']['999']:.4f} "
@@ -872,10 +919,11 @@ def sample_grid(s, step, ema, nets, log, board, stop):
     ema_nets = model.SD(ema, nets.vae, nets.text_encoder, nets.tokenizer,
                       dict(nets.meta, prediction=s.prediction, ztsnr=s.schedule == "zt"))
     images = []
-    for i, prompt in enumerate(s.sample_prompts):
-        images.append(generate(ema_nets, [prompt] * 4, steps=25, guidance=7.5 if nets.vae is not None else DEMO_CFG,
-                               seed=0, width=w, height=h, progress=False, stop=stop))
-        log(f"train: sample grid at step {step}: {4 * (i + 1)}/{4 * len(s.sample_prompts)} images", flush=True)
+    with on_device(nets.vae, next(ema.parameters()).device):
+        for i, prompt in enumerate(s.sample_prompts):
+            images.append(generate(ema_nets, [prompt] * 4, steps=25, guidance=7.5 if nets.vae is not None else
+                                   DEMO_CFG, seed=0, width=w, height=h, progress=False, stop=stop))
+            log(f"train: sample grid at step {step}: {4 * (i + 1)}/{4 * len(s.sample_prompts)} images", flush=True)
     grid = data.save_png(torch.cat(images), os.path.join(s.out, "samples", f"step_{step:06d}"), cols=4)[-1]
     if board:
         board.image(grid, step)
@@ -929,6 +977,160 @@ def demo(args):
     for label, means in rows:
         print(f"{label:40s}" + "".join(f"{m:24.1f}" for m in means))
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# zd.py cache: the frozen VAE run once over the data, so that training reads posterior moments instead of images
+
+def cache(args):
+    """Run the frozen VAE once over every image that `zd.py train --data SRC` would keep, at its bucket's centre crop
+    (and its mirror image with --flip), and store the posterior's mean and std, not a sample: training from the cache
+    draws latent = VAE_SCALE·(mean + std·posterior_noise) with the same seeded noise, order, crops, flips and caption
+    dropout as from the images, so in fp32 the runs are the same to the bit. Written in parts, each whole or absent,
+    the manifest last: an interrupted cache continues where it stopped when the command is run again. Under torchrun
+    each rank encodes its share of the parts."""
+    if args.random_crop:
+        raise UserError("cache: --random-crop draws a new crop every epoch, which a cache of fixed crops cannot give: "
+                        "cache without it (training from the cache then uses centre crops)")
+    rank, world, device = init_distributed(args.device)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    try:
+        _cache(args, rank, world, device, log)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _cache(args, rank, world, device, log):
+    if any(map(data.is_cache, args.data)):
+        raise UserError("cache: --data is a latent cache already; give the images it was made of")
+    vae = load_model(args.model, "cache", vae_path=args.vae).vae
+    if vae is None:
+        raise UserError(f"cache: {args.model} has no VAE: give an SD1.5 checkpoint, or --vae")
+    nets = model.SD(None, vae.to(device).eval().requires_grad_(False), None, None)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # as train encodes
+    settings = {k: getattr(args, k) for k in data.CACHE_SETTINGS}
+    made_by = dict(vae=model.weights_hash(vae), settings=settings, dtype=args.dtype, sources=list(args.data))
+    try:
+        loader = data.Loader(list(args.data), args.batch_size, rank=rank, world_size=world, seed=0, caption_dropout=0,
+                             random_crop=False, **{k: getattr(args, k) for k in ("workers", *data.CACHE_SETTINGS)})
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(f"cache: {e}") from None
+    layout = "folders" if loader.shards is None else "shards"
+    n_parts = len(loader.shards) if loader.shards else -(-len(loader.dataset.items) // data.CACHE_PART_IMAGES)
+    paths = [data.part_path(args.out, p) for p in range(n_parts)]
+    try:
+        os.makedirs(os.path.join(args.out, data.CACHE_PARTS), exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cache: cannot write to --out {args.out} ({e.strerror}); choose a folder you can "
+                        "write") from None
+    foreign = [p for p in paths if os.path.exists(p) and data.read_part(p)["made_by"] != made_by]
+    if foreign or os.path.exists(os.path.join(args.out, data.CACHE_MANIFEST)) and \
+            data.read_cache(args.out)["made_by"] != made_by:
+        raise UserError(f"cache: {args.out} holds a cache made by other settings, data or VAE: choose another --out, "
+                        "or delete it")
+    todo = [(p, path) for p, path in enumerate(paths) if p % world == rank and not os.path.exists(path)]
+    log(f"cache: {data.plural(n_parts, 'part')} of {layout} → {args.out}, {sum(map(os.path.exists, paths))} written "
+        f"before; VAE {made_by['vae'][:12]} on {device}, {args.dtype}")
+    stop = CacheInterrupts()
+    dtype = data.CACHE_DTYPES[args.dtype]
+    pending, written, images, t0, last = {}, 0, 0, time.time(), time.time()
+    build = data.CacheBuild(loader, todo, args.batch_size)
+    try:
+        for b in torch.utils.data.DataLoader(build, batch_size=None, num_workers=min(args.workers, len(todo)),
+                                             worker_init_fn=data.leave_signals_to_parent):
+            part = pending.setdefault(b["part"], dict(tensors={}, rows=[], error=Counter()))
+            if b["pixels"] is not None:
+                views = {"": b["pixels"]} | ({"_flip": b["pixels"].flip(-1)} if args.flip else {})
+                good = [row[0] for row in b["rows"] if row[5] is None]
+                for suffix, pixels in views.items():
+                    for name, m in zip(("mean", "std"), nets.moments(pixels.to(device))):
+                        stored = m.to(dtype).cpu()
+                        measure_rounding(part["error"], name, m.cpu(), stored)
+                        part["tensors"].update({f"{key}.{name}{suffix}": x for key, x in zip(good, stored)})
+            part["rows"] += b["rows"]
+            images += len(b["rows"])
+            if b["last"]:
+                del pending[b["part"]]
+                try:
+                    data.write_part(b["path"], part["tensors"], made_by, sorted(part["rows"]), b["counts"],
+                                    dict(part["error"]))
+                except OSError as e:
+                    raise UserError(f"cache: cannot write {b['path']} ({e.strerror}); the {written} parts written "
+                                    "before it are whole: free space, then run the same command again to continue") \
+                        from None
+                written += 1
+            if time.time() - last >= 30 or b["last"] and written == len(todo):
+                rate = images / max(time.time() - t0, 1e-9)
+                log(f"cache: {images:,} images encoded, {written}/{len(todo)} parts written, {rate:.1f} images/s",
+                    flush=True)
+                last = time.time()
+            if stop.signal:
+                log(f"cache: {signal.Signals(stop.signal).name}: stopped after {written} of {len(todo)} parts; those "
+                    "are whole: run the same command again to continue")
+                return
+    finally:
+        stop.restore()
+    finish_cache(args.out, paths, made_by, layout, loader, log)
+
+
+def measure_rounding(error, name, exact, stored):
+    """Accumulate what storing `exact` as `stored` costs: the largest |Δ| and the sums of Δ² and exact² (for RMS)."""
+    delta = stored.float() - exact
+    error[f"{name}_max"] = max(error[f"{name}_max"], delta.abs().max().item())
+    error[f"{name}_sq_err"] += delta.double().square().sum().item()
+    error[f"{name}_sq"] += exact.double().square().sum().item()
+
+
+def finish_cache(out, paths, made_by, layout, loader, log):
+    """Once every part exists (under torchrun, the rank that finishes last sees them all, and says so whatever its
+    rank), write the manifest from the parts' headers, and say what storing in fp16/bf16 cost against fp32."""
+    if not all(os.path.exists(p) for p in paths):
+        log("cache: this rank's parts are written; the last rank to finish writes the manifest")
+        return
+    log = print
+    images, counts, error = 0, data.new_stats(), Counter()
+    for p in paths:
+        part = data.read_part(p)
+        images += len(part["samples"])
+        data.merge_counts(counts, part["counts"] or {})
+        for k, v in (part["error"] or {}).items():
+            error[k] = max(error[k], v) if k.endswith("_max") else error[k] + v
+    stats = loader.stats if layout == "folders" else counts
+    dtype_error = None
+    if made_by["dtype"] != "fp32":
+        dtype_error = {m: dict(max_abs=error[f"{m}_max"], rms_rel=math.sqrt(error[f"{m}_sq_err"] / error[f"{m}_sq"]))
+                       for m in ("mean", "std")}
+        log(f"cache: {made_by['dtype']} storage against fp32 on the same {images:,} images: posterior mean max |Δ| "
+            f"{dtype_error['mean']['max_abs']:.2e} (RMS Δ / RMS {dtype_error['mean']['rms_rel']:.2e}), std max |Δ| "
+            f"{dtype_error['std']['max_abs']:.2e} (RMS Δ / RMS {dtype_error['std']['rms_rel']:.2e}); training from it "
+            "is not bit-identical to training from the images")
+    manifest = dict(zd_cache=1, made_by=made_by, layout=layout, parts=[os.path.basename(p) for p in paths],
+                    images=images, stats=json.loads(json.dumps(stats)), dtype_error=dtype_error)
+    try:
+        data.write_manifest(out, manifest)
+    except OSError as e:
+        raise UserError(f"cache: cannot write {out}/{data.CACHE_MANIFEST} ({e.strerror}); the parts are whole: free "
+                        "space, then run the same command again to finish") from None
+    log(f"cache: {images:,} images in {out} ({sum(map(os.path.getsize, paths)) / 2 ** 20:.1f} MiB); train with "
+        f"--data {out}")
+
+
+class CacheInterrupts:
+    """SIGINT and SIGTERM stop the cache between batches: the parts written are whole, the one in progress is
+    dropped."""
+
+    def __init__(self):
+        self.signal = None
+        self.saved = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        self.signal = signum
+
+    def restore(self):
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1000,7 +1202,8 @@ def generate(nets, prompts, *, negative="", steps=25, guidance=7.5, rescale=0.7,
 
     def latent(image):   # the VAE posterior's noise from the generator, after the initial noise, as diffusers draws it
         shape = (len(image), 4, *(side // 8 for side in image.shape[-2:]))
-        return nets.encode(image, None if nets.vae is None else torch.randn(shape, generator=generator))
+        posterior_noise = None if nets.vae is None else torch.randn(shape, generator=generator)
+        return nets.encode(image, posterior_noise)
 
     if image is not None:
         image = data.image_tensor(image, width, height).to(device)
@@ -1300,6 +1503,8 @@ def survey(args):
     """`zd.py data`: the data side of `zd.py train` without a model (data.survey): what is found, kept and
     dropped by reason, images per bucket, batches per epoch, caption statistics, scan speed; a contact sheet per
     bucket in --sheet, of training crops with their captions."""
+    if any(map(data.is_cache, args.data)):
+        return describe_cache(args)
     tokenizer = model.Tokenizer.default()
     refusal = None
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():  # keep stdout JSON
@@ -1319,6 +1524,29 @@ def survey(args):
         print(json.dumps(report, indent=1))
     if refusal:
         raise UserError(f"data: {refusal}")
+    return report
+
+
+def describe_cache(args):
+    """`zd.py data --data CACHE`: what a latent cache holds and what made it (data.describe_cache)."""
+    try:
+        report = data.describe_cache(args.data[0])
+    except ValueError as e:
+        raise UserError(f"data: {e}") from None
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return report
+    made = report["made_by"]
+    print(f"data: latent cache {report['cache']}: {report['images']:,} images ({report['layout']}), "
+          f"{report['undecodable']} undecodable; {made['dtype']}, {report['bytes'] / 2 ** 20:.1f} MiB on disk, "
+          f"{report['bytes_per_image'] / 1024:.1f} KiB per image")
+    print("data: per bucket: " + ", ".join(f"{b.replace('x', '×')}: {n:,}" for b, n in report["buckets"].items()))
+    print(f"data: made by VAE {made['vae']} from {', '.join(made['sources'])} with "
+          + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in made["settings"].items()))
+    if report["dtype_error"]:
+        e = report["dtype_error"]
+        print(f"data: {made['dtype']} against fp32: mean max |Δ| {e['mean']['max_abs']:.2e}, std max |Δ| "
+              f"{e['std']['max_abs']:.2e}")
     return report
 
 
@@ -1408,12 +1636,32 @@ def add_data_command(sub):
     s.set_defaults(func=survey)
 
 
+def add_cache_command(sub):
+    """The `cache` subcommand: train's model and data settings (those that decide the crops), and the cache's dtype."""
+    s = sub.add_parser("cache", help="encode the training images once with the frozen VAE; train --data CACHE then "
+                       "reads their posterior moments (same results, no VAE in the loop)", description=cache.__doc__)
+    s.add_argument("--model", required=True, help="the checkpoint whose VAE encodes (train it with the same one)")
+    s.add_argument("--vae", help="a separate VAE file for the checkpoint")
+    s.add_argument("--data", action="append", required=True, metavar="SRC", help="as train's; repeatable")
+    s.add_argument("--out", required=True, help="the cache's folder; an interrupted cache continues when the same "
+                   "command runs again")
+    for f in dataclasses.fields(Settings):
+        if f.name in LOADER_SETTINGS + ("batch_size",) and f.name not in ("seed", "caption_dropout"):
+            flag, _, kw = setting_flag(f)
+            s.add_argument(flag, default=f.default, help=f"as train's (default {f.default})", **kw)
+    s.add_argument("--dtype", choices=tuple(data.CACHE_DTYPES), default="fp32", help="stored moments: fp16/bf16 halve "
+                   "the cache, and the rounding error against fp32 is measured and printed (default fp32: exact)")
+    s.add_argument("--device", help="cuda, cuda:1, cpu (default: the rank's GPU if there is one)")
+    s.set_defaults(func=cache)
+
+
 TRAIN_HELP = """Fine-tune Stable Diffusion 1.5 with the ZeroDiffusion recipe: v-prediction on SD1.5's schedule rescaled
 to zero terminal SNR, min-SNR-γ loss weights, input-perturbation noise, aspect buckets of ≈512², caption dropout to
 "", a constant EMA initialised from the checkpoint's EMA, CLIP and the VAE frozen; AdamW, warm-up.
 
     python zd.py train --model v1-5-pruned-emaonly.safetensors --data /data/laion-1024 --out runs/zd
     torchrun --nproc_per_node 8 zd.py train --model ... --data '/data/shards/*.tar' ...
+    python zd.py train --model ... --data /data/zd_cache ...     # a latent cache from `zd.py cache`: no VAE per step
 
 With no --model it runs the built-in demo on the CPU in minutes: a small UNet trained from scratch in pixel space on
 procedural images of plain colours and shapes, a tiny frozen random CLIP encoding the captions, through the same recipe
@@ -1540,6 +1788,7 @@ def parser():
     s.set_defaults(func=inspect_checkpoint)
 
     add_data_command(sub)
+    add_cache_command(sub)
     return p
 
 
