@@ -2642,17 +2642,29 @@ def test_bench_quick_reports_every_part(with_diffusers):
 
 
 def test_gpu_script_dry_run(tmp_path):
-    """`ZD_GPU_DRYRUN=1 bash .ci/gpu` runs every part of the GPU proof on the CPU with tiny configs, so the script that
-    only a GPU machine runs in earnest cannot rot: each part ends ok and is in gpu.json and gpu.md."""
+    """`ZD_GPU_DRYRUN=1 bash .ci/gpu` runs every part of the GPU run on the CPU with tiny configs, so the script that
+    only a GPU machine runs in earnest cannot rot: each part ends ok and is in gpu.json and gpu.md, its tables with it.
+    Part train_cache runs `zd.py cache`; where zd.py has none, it is skipped, and says so."""
     env = {**os.environ, "ZD_GPU_DRYRUN": "1", "OUT": str(tmp_path / "out"), "ZD_GPU_WORK": str(tmp_path / "work"),
            "PYTHON": sys.executable}
-    run = subprocess.run(["bash", ".ci/gpu"], cwd=HERE, env=env, capture_output=True, text=True, timeout=900)
+    run = subprocess.run(["bash", ".ci/gpu"], cwd=HERE, env=env, capture_output=True, text=True, timeout=1700)
     log = (tmp_path / "out" / "gpu.log").read_text()
     assert run.returncode == 0, run.stdout[-2000:] + log[-4000:]
     results = json.loads((tmp_path / "out" / "gpu.json").read_text())
-    parts = ("env", "correctness", "sampling_fp16", "train", "nan", "torchrun", "speed", "profile", "sync", "train_gc",
-             "compile")
-    assert {p: results[p]["status"] for p in parts} == {p: "ok" for p in parts}
+    parts = ("env", "step", "batch", "levers", "train_cache", "sampling_fp16", "speed", "correctness", "train", "nan",
+             "torchrun", "train_gc")
+    has_cache = subprocess.run([sys.executable, "zd.py", "cache", "--help"], cwd=HERE, capture_output=True)
+    has_cache = has_cache.returncode == 0
+    expected = {p: "ok" for p in parts} | ({} if has_cache else {
+        "train_cache": "skipped: needs zd.py cache (`python zd.py cache --help` failed here)"})
+    assert {p: results[p]["status"] for p in parts} == expected
     assert results["train"]["--resume to 4"]["ok"] and results["nan"]["non-finite steps skipped"]["weights_unchanged"]
+    phases = results["step"]["phases"]
+    assert {"VAE encode", "forward", "backward", "clip grad norm", "AdamW", "EMA"} <= set(phases)
+    assert all(phases[p]["zd"]["ms"] > 0 for p in ("forward", "backward", "AdamW"))
+    assert set(results["batch"]["rows"]) == {"1", "2"} and len(results["levers"]["rows"]) == 9
+    assert results["sampling_fp16"]["pairs"]["zd fp32 vs diffusers fp32"]["max"] <= 2
     md = (tmp_path / "out" / "gpu.md").read_text()
-    assert "DRY RUN" in md and all(f"## {p}: ok" in md for p in parts)
+    assert "DRY RUN" in md and all(f"## {p}: {expected[p]}" in md for p in parts)
+    for header in ("| phase | zd ms |", "| batch | zd ms/step |", "| lever | ms/step |", "| images | mean abs."):
+        assert header in md
