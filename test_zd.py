@@ -2665,6 +2665,6 @@ def test_gpu_script_dry_run(tmp_path):
     assert set(results["batch"]["rows"]) == {"1", "2"} and len(results["levers"]["rows"]) == 9
     assert results["sampling_fp16"]["pairs"]["zd fp32 vs diffusers fp32"]["max"] <= 2
     md = (tmp_path / "out" / "gpu.md").read_text()
-    assert "DRY RUN" in md and all(f"## {p}: {expected[p]}" in md for p in parts)
+    assert "DRY RUN" in md and all(f"## {p}: {expected[p]}" in md for p in parts) and "partial results" not in md
     for header in ("| phase | zd ms |", "| batch | zd ms/step |", "| lever | ms/step |", "| images | mean abs."):
         assert header in md

@@ -8,6 +8,7 @@ with tiny configs, so the script is exercised by the test suite while no GPU is 
 import argparse
 import contextlib
 import copy
+import functools
 import gc
 import json
 import math
@@ -425,7 +426,7 @@ def train_step(trainer, frozen, inputs, step, given=(), host_sync=True, layout=L
         else:
             context = clip(zd.to_device(tokenizer(inputs["captions"]), DEVICE))
             mark("text encoder (CLIP)")
-    x_t, target, weight = zd.recipe_inputs(x0, noise, ip_noise, t, ABAR, SNR)
+    x_t, target, weight = zd.recipe_inputs(x0, noise, ip_noise, t, *zt_schedule())
     x_t = x_t.contiguous(memory_format=layout)
     mark("recipe inputs")
     with autocast():
@@ -446,8 +447,11 @@ def train_step(trainer, frozen, inputs, step, given=(), host_sync=True, layout=L
     return loss.detach()
 
 
-ABAR = bench.ZT_ABAR.to(DEVICE)
-SNR = bench.ZT_SNR.to(DEVICE)
+@functools.cache
+def zt_schedule():
+    """ᾱ and the SNR of the zero-terminal-SNR schedule on the device, float64 as zd.train holds them (pitfall 8); moved
+    once, as zd.train moves them, not at import (the report's processes need no GPU)."""
+    return bench.ZT_ABAR.to(DEVICE), bench.ZT_SNR.to(DEVICE)
 
 
 def timed(fns, steps_per_call=1, repeats=None):
@@ -577,7 +581,8 @@ def part_batch():
     """samples/s, TFLOP/s and peak memory of the step at batch 8, 16, 32, 64 (up to the largest that fits), with
     latents given (as from a cache) and CLIP in the loop, zd's UNet and diffusers' side by side on the same weights;
     where both no longer fit, diffusers' side is dropped and zd's goes on alone."""
-    unet, _, clip, tokenizer = training_nets()
+    unet, vae, clip, tokenizer = training_nets()
+    del vae                                                # not kept on the GPU while training from a cache
     frozen = (None, clip, tokenizer)
     sides = {"zd": bench.trainer(unet, bench.OURS_CALL),
              "diffusers": bench.trainer(bench.diffusers_twin(unet, "unet", unet.cfg).train(), bench.DIFFUSERS_CALL)}
@@ -697,14 +702,19 @@ def zd_train_until(part, out, steps, *flags):
            "--save-every", "100000", "--log-every", "1" if DRY else "10", *flags]
     print(f"{part}: $ {' '.join(cmd)}", flush=True)
     metrics_file, t0 = os.path.join(out, "metrics.jsonl"), time.time()
+
+    def logged():                                          # the complete lines written so far
+        if not os.path.exists(metrics_file):
+            return []
+        with open(metrics_file) as f:
+            return [json.loads(line) for line in f if line.endswith("\n")]
     proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)     # its own group: its loader's workers too
     metrics = []
     while proc.poll() is None and not (metrics and metrics[-1]["step"] >= steps):
         time.sleep(0.2)
-        if os.path.exists(metrics_file):
-            with open(metrics_file) as f:
-                metrics = [json.loads(line) for line in f if line.endswith("\n")]
+        metrics = logged()
     seconds = time.time() - t0
+    metrics = logged()
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
     if proc.wait() not in (0, -9) or not metrics or metrics[-1]["step"] < steps:
@@ -786,8 +796,8 @@ def render_step(r):
                        [[p] + [c for s in sides for c in (num(v[s]["ms"], ".2f"), num(100 * v[s]["share"], ".1f"))]
                         for p, v in r["phases"].items()]
                        + [["**sum**"] + [c for s in sides for c in (num(r["phases_total_ms"][s], ".1f"), "100")]])
-        lines.append("Between two syncs the host sync costs nothing by construction: its cost is part levers' "
-                     "\"no host sync per step\".", "")
+        lines += ["Between two syncs the host sync costs nothing by construction: its cost is part levers' "
+                  "\"no host sync per step\".", ""]
     if "kernels" in r:
         k = r["kernels"]
         lines.append(f"GPU kernels (torch.profiler, zd): busy {k['busy_ms_per_step']:.1f} ms per step, idle "
@@ -897,8 +907,8 @@ def report():
                 rendered, keys = RENDER[part](r)
                 lines += rendered
                 shown |= keys
-            except (KeyError, TypeError) as e:              # a part killed half-way: its raw values below
-                lines.append(f"(partial results, not tabulated: {type(e).__name__} {e})")
+            except KeyError as e:                           # a part killed half-way: its raw values below
+                lines.append(f"(partial results, not tabulated: no {e})")
         for k, v in r.items():
             if k not in shown:
                 lines.append(f"- **{k}**: " + (json.dumps(v, default=float) if not isinstance(v, str) else v))
