@@ -220,9 +220,9 @@ def zd_train(part, out, *flags):
         return time.time() - t0, [json.loads(line) for line in f]
 
 
-def prepare_training_inputs():
+def prepare_training_inputs(part):
     """A full-size random SD1.5 single file (fp16, unmarked: what v1-5-pruned-emaonly is) and 64 captioned JPEGs,
-    written once to local disk."""
+    written once to local disk by the first part that needs them (which records how long that took)."""
     ckpt, jpegs = os.path.join(WORK, "sd15.safetensors"), os.path.join(WORK, "jpegs")
     if not os.path.exists(ckpt):
         t0 = time.time()
@@ -231,11 +231,11 @@ def prepare_training_inputs():
         del unet, vae, clip
         if DEVICE.type == "cuda":
             torch.cuda.empty_cache()                       # the training process needs the memory
-        record("train", checkpoint=dict(seconds=time.time() - t0, gb=os.path.getsize(ckpt) / 2 ** 30))
+        record(part, checkpoint=dict(seconds=time.time() - t0, gb=os.path.getsize(ckpt) / 2 ** 30))
     if not os.path.isdir(jpegs):
         t0 = time.time()
         write_jpegs(jpegs, 64 if not DRY else 8)
-        record("train", jpegs=dict(n=64 if not DRY else 8, seconds=time.time() - t0))
+        record(part, jpegs=dict(n=64 if not DRY else 8, seconds=time.time() - t0))
     return ckpt, jpegs
 
 
@@ -248,7 +248,7 @@ def interval(metrics):
 def part_train():
     """`zd.py train` end to end: 30 steps at batch 8 in bf16, then --resume to 40 (ZD_GPU_TRAIN_STEPS=30,40); both
     files load and are marked."""
-    ckpt, jpegs = prepare_training_inputs()
+    ckpt, jpegs = prepare_training_inputs("train")
     out = os.path.join(WORK, "run")
     shutil.rmtree(out, ignore_errors=True)
     steps = (3, 4) if DRY else tuple(int(s) for s in os.environ.get("ZD_GPU_TRAIN_STEPS", "30,40").split(","))
@@ -288,7 +288,7 @@ def part_train():
 
 def part_train_gc():
     """The same run with --grad-checkpointing: peak memory and speed against part `train`'s."""
-    ckpt, jpegs = prepare_training_inputs()
+    ckpt, jpegs = prepare_training_inputs("train_gc")
     out = os.path.join(WORK, "gc")
     shutil.rmtree(out, ignore_errors=True)
     seconds, metrics = zd_train("train_gc", out, "--model", ckpt, "--data", jpegs, "--steps", "2" if DRY else "20",
@@ -732,7 +732,7 @@ def part_train_cache():
         print(f"train_cache: `python zd.py cache --help` failed: {missing}", flush=True)
         record("train_cache", skipped="needs zd.py cache (`python zd.py cache --help` failed here)")
         return
-    ckpt, jpegs = prepare_training_inputs()
+    ckpt, jpegs = prepare_training_inputs("train_cache")
     # one 512² bucket, so that 64 images fill batch 32 (in the five aspect buckets none would hold 32)
     data_flags = lambda batch=None: train_flags(batch) + ([] if DRY else ["--bucket-min", "512", "--bucket-max", "512"])
     cache = os.path.join(WORK, "latent_cache")
