@@ -2641,6 +2641,14 @@ def test_bench_quick_reports_every_part(with_diffusers):
     assert row("data pipeline")["data_ips"] > 0 and row("data pipeline")["train_ips"] > 0
 
 
+def test_peak_bf16_tflops_by_device_name():
+    """The fraction of peak divides by the card's dense bf16 peak (vendor sheets, without sparsity), found by the name
+    torch reports: a variant (PCIe, NVL) is not taken for its SXM family, and an unknown card has none."""
+    names = {"NVIDIA H100 80GB HBM3": 989, "NVIDIA H100 PCIe": 756, "NVIDIA H100 NVL": 835, "NVIDIA H200": 989,
+             "NVIDIA A100-SXM4-80GB": 312, "NVIDIA L4": None}
+    assert {n: bench.peak_bf16_tflops(n) for n in names} == names
+
+
 def test_gpu_script_dry_run(tmp_path):
     """`ZD_GPU_DRYRUN=1 bash .ci/gpu` runs every part of the GPU run on the CPU with tiny configs, so the script that
     only a GPU machine runs in earnest cannot rot: each part ends ok and is in gpu.json and gpu.md, its tables with it.
