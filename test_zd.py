@@ -2641,6 +2641,35 @@ def test_bench_quick_reports_every_part(with_diffusers):
     assert row("data pipeline")["data_ips"] > 0 and row("data pipeline")["train_ips"] > 0
 
 
+def test_gpu_harness_step_is_zd_train_step(tmp_path, monkeypatch):
+    """The step that .ci/gpu's parts time, profile and pull levers on (its train_step) is zd.train's own step: one step
+    of each from the same checkpoint on the same batch leaves the same UNet and EMA, to the bit (CPU, fp32)."""
+    import importlib.util
+    monkeypatch.setenv("ZD_GPU_DRYRUN", "1")
+    spec = importlib.util.spec_from_file_location("gpu_harness", os.path.join(HERE, ".ci", "gpu.py"))
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    unet, vae, clip = gpu.networks()
+    ckpt, jpegs = str(tmp_path / "tiny.safetensors"), str(tmp_path / "jpegs")
+    model.save(ckpt, unet, clip, vae, prediction="eps", ztsnr=False)
+    gpu.write_jpegs(jpegs, 4)
+    args = zd.parser().parse_args(["train", "--model", ckpt, "--data", jpegs, "--out", str(tmp_path / "run"),
+                                   "--steps", "1", "--warmup", "0", "--caption-dropout", "0", "--sample-every", "0",
+                                   *gpu.train_flags()])
+    trained, ema = zd.train(args)
+
+    batch = next(zd.make_loader(zd.settings(args), 0, 1, False).batches())
+    H, W = batch["pixels"].shape[-2:]
+    inputs = dict(pixels=batch["pixels"], mean=torch.zeros(len(batch["index"]), 4, H // 8, W // 8),
+                  captions=batch["captions"], index=batch["index"])
+    sd = model.load(ckpt, verbose=False)
+    trainer = bench.trainer(sd.unet, bench.OURS_CALL)
+    gpu.train_step(trainer, (sd.vae.eval(), sd.text_encoder.eval(), sd.tokenizer), inputs, 0)
+    assert all(torch.equal(a, b) for a, b in zip(trained.parameters(), sd.unet.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(ema.parameters(), trainer[3]))
+    assert not torch.equal(next(trained.parameters()), next(unet.parameters()))       # the step moved the weights
+
+
 def test_peak_bf16_tflops_by_device_name():
     """The fraction of peak divides by the card's dense bf16 peak (vendor sheets, without sparsity), found by the name
     torch reports: a variant (PCIe, NVL) is not taken for its SXM family, and an unknown card has none."""

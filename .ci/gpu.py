@@ -401,15 +401,15 @@ def train_step(trainer, frozen, inputs, step, given=(), host_sync=True, layout=L
     noise draw, the inputs' copies, the frozen VAE and CLIP, the recipe's inputs, forward, backward, clip-grad-norm, the
     host reading the norm (to skip a non-finite step), AdamW, EMA. `trainer` is bench.trainer's (network, call, AdamW,
     EMA tensors), `frozen` (VAE, CLIP, tokenizer). `given` names what a cache hands in instead of a network: "latents"
-    (the posterior's mean and std, so x0 = mean + std·ξ without the VAE), "text" (the CLIP embeddings).
+    (the posterior's mean and std, so x0 = mean + std·posterior noise without the VAE), "text" (the CLIP embeddings).
     `mark(phase)` is called as each phase has been issued. Returns the loss, on the device."""
     net, call, opt, ema = trainer
     vae, clip, tokenizer = frozen
     params = opt.param_groups[0]["params"]
     shape = (4, *inputs["mean"].shape[-2:])
-    t, noise, ip_noise, xi = zd.sample_noise(0, step, inputs["index"], shape)[:4]
+    t, noise, ip_noise, posterior_noise = zd.sample_noise(0, step, inputs["index"], shape)[:4]
     mark("noise draw (CPU)")
-    t, noise, ip_noise, xi = (zd.to_device(a, DEVICE) for a in (t, noise, ip_noise, xi))
+    t, noise, ip_noise, posterior_noise = (zd.to_device(a, DEVICE) for a in (t, noise, ip_noise, posterior_noise))
     if "latents" in given:
         mean, std = zd.to_device(inputs["mean"], DEVICE), zd.to_device(inputs["std"], DEVICE)
     else:
@@ -420,7 +420,7 @@ def train_step(trainer, frozen, inputs, step, given=(), host_sync=True, layout=L
             mean, logvar = vae.encode(pixels)
             std = (0.5 * logvar).exp()
             mark("VAE encode")
-        x0 = model.VAE_SCALE * (mean + std * xi)          # a posterior sample, as model.SD.encode draws it
+        x0 = model.VAE_SCALE * (mean + std * posterior_noise)     # a posterior sample, as model.SD.encode draws it
         if "text" in given:
             context = inputs["context"]
         else:
