@@ -30,7 +30,13 @@ import model
 import schedule as S
 import zd
 
-PEAK_BF16_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312}  # dense, no sparsity (vendor sheets)
+# dense, no sparsity (vendor sheets); the first name found in the device's name wins, so variants precede their family
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200": 989, "A100": 312}
+
+
+def peak_bf16_tflops(gpu_name):
+    """The card's dense bf16 peak in TFLOP/s from PEAK_BF16_TFLOPS by its device name, or None for another card."""
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu_name), None)
 
 
 # ---- the other libraries' networks on zd's tensors -------------------------------------------------------------------
@@ -370,7 +376,7 @@ def bench(args):
         from torch.utils.flop_counter import FlopCounterMode
         with FlopCounterMode(display=False) as counter:
             recipe_step(sides["ours"], latents, context, 0, device, autocast)
-        peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in info["gpu"]), None)
+        peak = args.peak_tflops or peak_bf16_tflops(info["gpu"])
         info["peak_bf16_tflops"] = peak
         if peak is None:
             print(f"unknown peak for {info['gpu']}: pass --peak-tflops for the fraction of peak", file=sys.stderr)

@@ -3520,21 +3520,65 @@ def test_bench_quick_reports_every_part(with_diffusers):
     assert row("data pipeline")["data_ips"] > 0 and row("data pipeline")["train_ips"] > 0
 
 
+def test_gpu_harness_step_is_zd_train_step(tmp_path, monkeypatch):
+    """The step that .ci/gpu's parts time, profile and pull levers on (its train_step) is zd.train's own step: one step
+    of each from the same checkpoint on the same batch leaves the same UNet and EMA, to the bit (CPU, fp32)."""
+    import importlib.util
+    monkeypatch.setenv("ZD_GPU_DRYRUN", "1")
+    spec = importlib.util.spec_from_file_location("gpu_harness", os.path.join(HERE, ".ci", "gpu.py"))
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    unet, vae, clip = gpu.networks()
+    ckpt, jpegs = str(tmp_path / "tiny.safetensors"), str(tmp_path / "jpegs")
+    model.save(ckpt, unet, clip, vae, prediction="eps", ztsnr=False)
+    gpu.write_jpegs(jpegs, 4)
+    args = zd.parser().parse_args(["train", "--model", ckpt, "--data", jpegs, "--out", str(tmp_path / "run"),
+                                   "--steps", "1", "--warmup", "0", "--caption-dropout", "0", "--sample-every", "0",
+                                   *gpu.train_flags()])
+    trained, ema = zd.train(args)
+
+    batch = next(zd.make_loader(zd.settings(args), 0, 1, False).batches())
+    H, W = batch["pixels"].shape[-2:]
+    inputs = dict(pixels=batch["pixels"], mean=torch.zeros(len(batch["index"]), 4, H // 8, W // 8),
+                  captions=batch["captions"], index=batch["index"])
+    sd = model.load(ckpt, verbose=False)
+    trainer = bench.trainer(sd.unet, bench.OURS_CALL)
+    gpu.train_step(trainer, (sd.vae.eval(), sd.text_encoder.eval(), sd.tokenizer), inputs, 0)
+    assert all(torch.equal(a, b) for a, b in zip(trained.parameters(), sd.unet.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(ema.parameters(), trainer[3]))
+    assert not torch.equal(next(trained.parameters()), next(unet.parameters()))       # the step moved the weights
+
+
+def test_peak_bf16_tflops_by_device_name():
+    """The fraction of peak divides by the card's dense bf16 peak (vendor sheets, without sparsity), found by the name
+    torch reports: a variant (PCIe, NVL) is not taken for its SXM family, and an unknown card has none."""
+    names = {"NVIDIA H100 80GB HBM3": 989, "NVIDIA H100 PCIe": 756, "NVIDIA H100 NVL": 835, "NVIDIA H200": 989,
+             "NVIDIA A100-SXM4-80GB": 312, "NVIDIA L4": None}
+    assert {n: bench.peak_bf16_tflops(n) for n in names} == names
+
+
 def test_gpu_script_dry_run(tmp_path):
-    """`ZD_GPU_DRYRUN=1 bash .ci/gpu` runs every part of the GPU proof on the CPU with tiny configs, so the script that
-    only a GPU machine runs in earnest cannot rot: each part ends ok and is in gpu.json and gpu.md."""
+    """`ZD_GPU_DRYRUN=1 bash .ci/gpu` runs every part of the GPU run on the CPU with tiny configs, so the script that
+    only a GPU machine runs in earnest cannot rot: each part ends ok and is in gpu.json and gpu.md, its tables with it."""
     env = {**os.environ, "ZD_GPU_DRYRUN": "1", "OUT": str(tmp_path / "out"), "ZD_GPU_WORK": str(tmp_path / "work"),
            "PYTHON": sys.executable}
-    run = subprocess.run(["bash", ".ci/gpu"], cwd=HERE, env=env, capture_output=True, text=True, timeout=900)
+    run = subprocess.run(["bash", ".ci/gpu"], cwd=HERE, env=env, capture_output=True, text=True, timeout=1700)
     log = (tmp_path / "out" / "gpu.log").read_text()
     assert run.returncode == 0, run.stdout[-2000:] + log[-4000:]
     results = json.loads((tmp_path / "out" / "gpu.json").read_text())
-    parts = ("env", "correctness", "sampling_fp16", "train", "nan", "torchrun", "speed", "profile", "sync", "train_gc",
-             "compile")
+    parts = ("env", "step", "batch", "levers", "train_cache", "sampling_fp16", "speed", "correctness", "train", "nan",
+             "torchrun", "train_gc")
     assert {p: results[p]["status"] for p in parts} == {p: "ok" for p in parts}
     assert results["train"]["--resume to 4"]["ok"] and results["nan"]["non-finite steps skipped"]["weights_unchanged"]
+    phases = results["step"]["phases"]
+    assert {"VAE encode", "forward", "backward", "clip grad norm", "AdamW", "EMA"} <= set(phases)
+    assert all(phases[p]["zd"]["ms"] > 0 for p in ("forward", "backward", "AdamW"))
+    assert set(results["batch"]["rows"]) == {"1", "2"} and len(results["levers"]["rows"]) == 9
+    assert results["sampling_fp16"]["pairs"]["zd fp32 vs diffusers fp32"]["max"] <= 2
     md = (tmp_path / "out" / "gpu.md").read_text()
-    assert "DRY RUN" in md and all(f"## {p}: ok" in md for p in parts)
+    assert "DRY RUN" in md and all(f"## {p}: ok" in md for p in parts) and "partial results" not in md
+    for header in ("| phase | zd ms |", "| batch | zd ms/step |", "| lever | ms/step |", "| images | mean abs."):
+        assert header in md
 
 
 # ---- the latent cache ------------------------------------------------------------------------------------------------
