@@ -52,8 +52,9 @@ Per-sample randomness (caption dropout, flip, crop offset, mask) comes from (see
 from the rank or worker that happens to load the sample.
 
 Validation: Loader(val_fraction=F) holds out a seeded share F of the folder and demo images, chosen by a hash of each
-image's path in its folder (held_out), and trains on the rest; Loader(validation=True) is the validation set itself, that share or
-all of its sources (--val-data), read by fixed_batches: every image once, in the same batches every time.
+image's path in its folder (held_out), and trains on the rest; Loader(validation=True) is the validation set itself,
+that share or all of its sources (--val-data), read by fixed_batches: every image once, in the same batches every
+time.
 """
 import glob
 import hashlib

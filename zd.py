@@ -203,10 +203,7 @@ def train(args):
     rank, world, device = init_distributed(s.device)
     ddp, cuda = torch.distributed.is_initialized(), device.type == "cuda"
     log = print if rank == 0 else (lambda *a, **k: None)
-    check_fresh(s)
-    if s.resume and (done := json.loads(Path(s.out, "train_state.json").read_text())["step"]) >= s.steps:
-        log(f"train: the run in {s.out} is at step {done} of --steps {s.steps}: nothing to do (a larger --steps "
-            "continues it)")
+    if nothing_to_do(s, log):
         return None, None
     interrupts = Interrupts(log)   # in start-up a signal stops at once: nothing of this run is saved yet
     check_writable(s.out)
@@ -244,8 +241,6 @@ def train(args):
 
     abar = S.alphas_cumprod(S.betas(s.schedule == "zt")).to(device)   # float64, never fp16 (pitfall 8)
     snr = S.snr(abar)                                                 # of the *rescaled* schedule (pitfall 1)
-    if cached:
-        check_cache_vae(next(filter(data.is_cache, s.data)), nets.vae)
     loader = make_loader(s, rank, world, cuda)
     validation = Validation(make_loader(s, 0, 1, cuda, True)) if rank == 0 and (s.val_data or s.val_fraction) else None
     batches = loader.batches(start=position + 1)
@@ -392,15 +387,21 @@ def settings(args):
     return Settings(**values)
 
 
-def check_fresh(s):
-    """A new run must not start over an earlier one by accident: forgetting --resume would replace its checkpoints and
-    truncate its metrics. Refuse before anything is touched, unless --overwrite."""
+def nothing_to_do(s, log):
+    """Whether a resumed run has no step left (it says so). A new run must not start over an earlier one by accident:
+    forgetting --resume would replace its checkpoints and truncate its metrics. Refuse before anything is touched,
+    unless --overwrite."""
     if s.resume and s.overwrite:
         raise UserError("train: --resume continues the run in --out and --overwrite replaces it: give one of them")
     state = os.path.join(s.out, "train_state.json")
     if not s.resume and not s.overwrite and os.path.exists(state):
         raise UserError(f"train: {s.out} holds an earlier run: --resume continues it, --overwrite starts over in it "
                         "(replacing it), or give a new --out")
+    if s.resume and (done := json.loads(Path(state).read_text())["step"]) >= s.steps:
+        log(f"train: the run in {s.out} is at step {done} of --steps {s.steps}: nothing to do (a larger --steps "
+            "continues it)")
+        return True
+    return False
 
 
 def check_writable(out):
@@ -498,6 +499,8 @@ def starting_model(s, log):
         s.inpaint = True
     if s.inpaint and nets.unet.cfg.in_channels == 4:
         nets.unet = model.expand_to_inpaint(nets.unet)
+    for cache in filter(data.is_cache, s.data):   # its moments must be this VAE's
+        check_cache_vae(cache, nets.vae)
     return nets
 
 
@@ -963,8 +966,8 @@ def demo(args):
                                       + ["--overwrite"] * args.overwrite))
         nets = load_model(os.path.join(out, "model_ema.safetensors"), "demo")
         means = [generate(nets, [p] * args.n, steps=25, guidance=DEMO_CFG, seed=args.seed, width=16, height=16,
-                          prediction=prediction, zero_terminal_snr=schedule == "zt", progress=False).float().mean().item()
-                 for p in prompts]
+                          prediction=prediction, zero_terminal_snr=schedule == "zt",
+                          progress=False).float().mean().item() for p in prompts]
         label = "zero terminal SNR" if schedule == "zt" else "SD1.5"
         rows.append((f"{label} schedule, {prediction}-prediction", means))
         scores.append(demo_score(nets, n=args.n, seed=args.seed))
@@ -1808,7 +1811,7 @@ def main(argv=None):
         sys.exit(130)
     except Stopped as e:                                  # `train` signalled in start-up: nothing to save, status 0
         print(e, file=sys.stderr)
-    except BrokenPipeError:   # `zd.py schedule --csv | head`: the reader has gone; say nothing more (Python docs' recipe)
+    except BrokenPipeError:   # `zd.py schedule --csv | head`: the reader has gone; say no more (Python docs' recipe)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
 
