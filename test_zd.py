@@ -3558,11 +3558,11 @@ def test_peak_bf16_tflops_by_device_name():
 
 
 def test_gpu_script_dry_run(tmp_path):
-    """`ZD_GPU_DRYRUN=1 bash .ci/gpu` runs every part of the GPU run on the CPU with tiny configs, so the script that
+    """`ZD_GPU_DRYRUN=1 bash .ci/gpu all` runs every part of the GPU run on the CPU with tiny configs, so the script that
     only a GPU machine runs in earnest cannot rot: each part ends ok and is in gpu.json and gpu.md, its tables with it."""
     env = {**os.environ, "ZD_GPU_DRYRUN": "1", "OUT": str(tmp_path / "out"), "ZD_GPU_WORK": str(tmp_path / "work"),
            "PYTHON": sys.executable}
-    run = subprocess.run(["bash", ".ci/gpu"], cwd=HERE, env=env, capture_output=True, text=True, timeout=1700)
+    run = subprocess.run(["bash", ".ci/gpu", "all"], cwd=HERE, env=env, capture_output=True, text=True, timeout=1700)
     log = (tmp_path / "out" / "gpu.log").read_text()
     assert run.returncode == 0, run.stdout[-2000:] + log[-4000:]
     results = json.loads((tmp_path / "out" / "gpu.json").read_text())
