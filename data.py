@@ -1222,7 +1222,8 @@ class Loader:
         if self.shards is None:
             entries, bucket_of = list(enumerate(self.dataset.items)), self.dataset.bucket_of
         else:
-            stream = ShardStream(self.shards, self.buckets, self.batch_size, 0, 1, self.filters, self.opts)
+            stream = (CacheStream if self.cache else ShardStream)(self.shards, self.buckets, self.batch_size, 0, 1,
+                                                                   self.filters, self.opts)
             warn = lambda name, e: name in self._warned or self._warn(name, e)   # named once, not every pass
             entries = list(stream.samples(0, 0, 1, new_stats(), warn))
             bucket_of = [bucket_for(item.w, item.h, self.buckets) for _, item in entries]
@@ -1232,7 +1233,7 @@ class Loader:
         for bkt, members in sorted(by_bucket.items()):
             for k in range(0, len(members), self.batch_size):
                 batch = make_batch(members[k:k + self.batch_size], bkt, 0, k, opts)
-                if "pixels" in batch:
+                if "index" in batch:   # decoded: pixels, or a latent cache's moments
                     yield batch
 
 

@@ -3700,6 +3700,24 @@ def test_latent_cache_resumes_and_refuses_in_one_line(tmp_path, monkeypatch, cap
                                                 "--workers", "0", *CACHE_BUCKETS, "--flip")
 
 
+def test_validation_from_a_latent_cache_equals_validation_from_its_images(tmp_path, monkeypatch):
+    """--val-data may be a latent cache: its validation pass reads the moments of the same centre crops and draws the
+    same noise, so the numbers equal those from the images, to the bit (CPU, fp32), and the VAE stays unused."""
+    ckpt = tmp_path / "sd.safetensors"
+    _checkpoint(ckpt)
+    src = _cache_images(tmp_path, "folders")
+    _cache(ckpt, src, tmp_path / "cache")
+    flags = ["--model", str(ckpt), *CACHE_BUCKETS, "--steps", "1", "--warmup", "0", "--text-cache", "0",
+             "--val-every", "1"]
+    _train(tmp_path / "a", "--data", src, "--val-data", src, *flags)
+    monkeypatch.setattr(model.VAE, "encode", lambda *a: pytest.fail("the VAE ran on a cache's validation set"))
+    _train(tmp_path / "b", "--data", str(tmp_path / "cache"), "--val-data", str(tmp_path / "cache"), *flags)
+    a, b = _val_lines(tmp_path / "a")[1], _val_lines(tmp_path / "b")[1]
+    assert a["val_images"] == b["val_images"] > 0
+    for key in ("val_loss", "val_loss_by_t", "val_ema_loss", "val_ema_loss_by_t"):
+        assert a[key] == b[key], key
+
+
 def test_fp16_latent_cache_prints_its_error_against_fp32(tmp_path, capsys):
     """--dtype fp16 halves the cache and prints what it costs, measured against fp32 on the same images: the
     difference of the two caches' moments, read back."""
