@@ -404,14 +404,15 @@ def nothing_to_do(s, log):
     return False
 
 
-def check_writable(out):
-    """Fail now, not at the first save an hour in, when --out cannot be written."""
+def check_writable(out, command="train"):
+    """Fail now, not at the first save an hour in, when --out (a folder, made if need be) cannot be written."""
     try:
         os.makedirs(out, exist_ok=True)
         with tempfile.TemporaryFile(dir=out) as f:           # a name of its own: every rank checks at once
             f.write(b"ok")
     except OSError as e:
-        raise UserError(f"train: cannot write to --out {out} ({e.strerror}); choose a folder you can write") from None
+        raise UserError(f"{command}: cannot write to --out {out} ({e.strerror}); choose a folder you can "
+                        "write") from None
 
 
 class Stopped(BaseException):
@@ -565,9 +566,9 @@ def make_loader(s, rank, world, cuda, validation=False):
 def check_cache_vae(path, vae):
     """Refuse a latent cache that another VAE made (its moments would not be this checkpoint's), or an unfinished
     one."""
-    if vae is None:
-        raise UserError(f"train: {path} is a latent cache: train from it with --model, the checkpoint whose VAE made "
-                        "it")
+    if vae is None:   # (a cache without --model is refused with the settings)
+        raise UserError(f"train: the checkpoint has no VAE to check the latent cache {path} against: give --vae, the "
+                        "VAE that made it")
     try:
         made_by = data.read_cache(path)["made_by"]
     except ValueError as e:
@@ -1023,11 +1024,8 @@ def _cache(args, rank, world, device, log):
     layout = "folders" if loader.shards is None else "shards"
     n_parts = len(loader.shards) if loader.shards else -(-len(loader.dataset.items) // data.CACHE_PART_IMAGES)
     paths = [data.part_path(args.out, p) for p in range(n_parts)]
-    try:
-        os.makedirs(os.path.join(args.out, data.CACHE_PARTS), exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cache: cannot write to --out {args.out} ({e.strerror}); choose a folder you can "
-                        "write") from None
+    check_writable(args.out, "cache")
+    os.makedirs(os.path.join(args.out, data.CACHE_PARTS), exist_ok=True)
     foreign = [p for p in paths if os.path.exists(p) and data.read_part(p)["made_by"] != made_by]
     if foreign or os.path.exists(os.path.join(args.out, data.CACHE_MANIFEST)) and \
             data.read_cache(args.out)["made_by"] != made_by:
