@@ -592,20 +592,15 @@ def _read_cache(path):
 
 
 def _write_cache(path, files):
-    """Write the scan cache atomically: a temporary file of a name no other process (or node) has, then a rename.
-    Returns the error's text when it cannot be written."""
-    tmp = None
+    """Write the scan cache whole (_write_whole). Returns the error's text when it cannot be written."""
+    text = json.dumps({"zd_scan": 1, "files": files}, separators=(",", ":"))  # dumps: C, dump: Python
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", dir=os.path.dirname(path))
-        umask = os.umask(0o022)  # mkstemp's 0600 would hide the cache from others who read the data: the umask's mode
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with open(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps({"zd_scan": 1, "files": files}, separators=(",", ":")))  # dumps: C, dump: Python
-        os.replace(tmp, path)
+        _write_whole(path, write)
     except OSError as e:
-        if tmp and os.path.exists(tmp):
-            os.remove(tmp)
         return f"{type(e).__name__}: {e}"
     return None
 
@@ -905,12 +900,15 @@ def write_manifest(root, manifest):
 
 
 def _write_whole(path, write):
-    """write(tmp) to a temporary file of a name no other process has, then a rename over path."""
+    """write(tmp) to a temporary file of a name no other process (or node) has, then a rename over path: the file is
+    whole or absent. It gets the umask's mode: mkstemp's 0600 would hide it from others who read the data."""
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the cache from others who read the data
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:  # a full disk, an interrupt: no partial file stays
         if os.path.exists(tmp):

@@ -3404,6 +3404,21 @@ def test_checkpoints_are_written_with_the_umask_s_mode(tmp_path):
     assert len(modes) == 5 and set(modes.values()) == {"0o664"}, modes
 
 
+def test_latent_cache_and_scan_cache_are_written_with_the_umask_s_mode(tmp_path):
+    """The latent cache's parts and manifest and a folder's scan cache: others who read the data read them too."""
+    ckpt = tmp_path / "sd.safetensors"
+    _checkpoint(ckpt)
+    src = _cache_images(tmp_path, "folders")
+    umask = os.umask(0o002)
+    try:
+        _cache(ckpt, src, tmp_path / "cache")
+    finally:
+        os.umask(umask)
+    files = [tmp_path / "cache" / data.CACHE_MANIFEST, *(tmp_path / "cache" / "parts").iterdir(),
+             os.path.join(src, data.SCAN_CACHE)]
+    assert len(files) == 3 and {oct(os.stat(f).st_mode & 0o777) for f in files} == {"0o664"}
+
+
 def test_a_refusal_shows_its_traceback_with_debug(capsys):
     with pytest.raises(zd.UserError):
         zd.main(["--debug", "sample", "--model", "nope.safetensors", "--prompt", "x"])
