@@ -76,7 +76,7 @@ from collections import Counter, namedtuple
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -910,9 +910,14 @@ def _write_whole(path, write):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:  # a full disk, an interrupt: no partial file stays
+    except BaseException as e:  # a full disk, an interrupt: no partial file stays
         if os.path.exists(tmp):
             os.remove(tmp)
+        # safetensors raises its I/O errors (a full disk) as SafetensorError("... I/O error: TEXT (os error N) ..."),
+        # not OSError: raised as the OSError it is, so that the caller's one-line refusal catches it
+        io = re.search(r"I/O error: (.*?) \(os error (\d+)\)", str(e)) if isinstance(e, SafetensorError) else None
+        if io:
+            raise OSError(int(io[2]), io[1], path) from e
         raise
 
 

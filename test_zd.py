@@ -7,7 +7,6 @@ transformers as oracles), and a test for each of the README's numbered pitfalls.
 """
 import argparse
 import contextlib
-import errno
 import functools
 import io
 import json
@@ -33,6 +32,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageFont
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import bench
@@ -3687,7 +3687,7 @@ def test_latent_cache_resumes_and_refuses_in_one_line(tmp_path, monkeypatch, cap
         calls.append(path)
         write(tensors, path, metadata)
         if len(calls) == 3:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
     monkeypatch.setattr(data, "save_file", full_disk)
     err = _refused(capsys, "cache", "--model", ckpt, "--data", src, "--out", out, "--workers", "0", *CACHE_BUCKETS)
     assert "No space left on device" in err and "the 2 parts written before it are whole" in err
